@@ -1,0 +1,597 @@
+r"""Products of Givens rotations: plans, sampling, the apply operator and its autograd.
+
+Conventions (the paper's, section 2). A Givens rotation :math:`G(i, j, t) \in \mathbb{R}^{d \times d}` is
+the identity except for
+
+.. math::
+    G[i, i] = G[j, j] = \cos t, \qquad G[j, i] = \sin t, \qquad G[i, j] = -\sin t .
+
+A *plan* is a sequence of ``k`` coordinate pairs ``(i_r, j_r)`` with angles ``t_r``; its matrix is
+:math:`M = G_1 G_2 \cdots G_k`. For a batch of row vectors ``X (B x d)`` the operator computes
+:math:`X M^\top` (each row ``x`` becomes ``M x``), so the *last* rotation of the product acts first.
+
+Rotations on disjoint pairs commute. :class:`GivensPlan` groups the sequence into layers of disjoint pairs by
+the as-soon-as-possible (ASAP) rule ``layer[r] = max(last[i_r], last[j_r]) + 1``; this reordering leaves the
+product exactly unchanged, and each layer is applied with a handful of vectorized tensor operations on a
+feature-major copy of the batch.
+
+Backward saves only the output: it walks the layers in reverse, recovers each layer's input by the inverse
+rotation and rotates the incoming gradient back, so the extra memory is ``O(B d)``, independent of ``k``.
+The angle gradient of a rotation that maps ``u`` to ``v`` is ``sum_b g_j v_i - g_i v_j`` (a reduction over
+the batch). The backward is itself differentiable (double backward, needed for Hessian-vector products as in
+TRPO): when autograd records it, the same walk runs with out-of-place operations.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._checks import check_choice, check_float_tensor, check_int
+
+__all__ = [
+    "GivensPlan",
+    "givens_apply",
+    "givens_matrix",
+    "random_pairs",
+    "random_matching_pairs",
+    "random_angles",
+    "asap_layers",
+    "default_num_rotations",
+    "BACKENDS",
+    "plane_scores",
+    "choose_backend",
+    "as_plan",
+]
+
+BACKENDS: tuple[str, ...] = ("auto", "reference", "dense")
+"""Names accepted by ``givens_apply(..., backend=...)``.
+
+* ``"reference"``: the vectorized pure-PyTorch layered walk (custom autograd, saves only the output).
+* ``"dense"``: materialize ``M`` (the reference walk applied to the identity), then one GEMM.
+* ``"auto"``: the cost model in :func:`choose_backend`.
+"""
+
+
+def default_num_rotations(n: int) -> int:
+    r"""Default number of rotations for an ``n x n`` product: :math:`\lceil n \ln n \rceil` (0 for n = 1).
+
+    Kac's walk on the sphere mixes in :math:`O(n \log n)` steps (Pillai and Smith, 2015), the paper's
+    section 3; ``n ln n`` rotations touch every coordinate ``2 ln n`` times on average.
+
+    Example:
+        >>> default_num_rotations(64)
+        267
+    """
+    n = check_int("n", n, minimum=1)
+    return int(math.ceil(n * math.log(n))) if n > 1 else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU generator (samples are drawn on CPU), got {generator.device}")
+    return generator
+
+
+def random_pairs(
+    d: int, k: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    r"""Sample ``k`` i.i.d. ordered pairs ``(i, j)``, uniform over ``i != j`` in ``[0, d)`` (Kac's walk).
+
+    Pairs are drawn on the CPU with ``generator`` and then moved to ``device``, so a seed gives the same
+    pairs on every device.
+
+    Shape:
+        Output: ``(k, 2)``, ``torch.int64``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> p = random_pairs(5, 3, generator=g)
+        >>> p.shape, bool((p[:, 0] != p[:, 1]).all())
+        (torch.Size([3, 2]), True)
+    """
+    d = check_int("d", d, minimum=1)
+    k = check_int("k", k, minimum=0)
+    generator = _cpu_generator(generator)
+    if k > 0 and d < 2:
+        raise ValueError(f"d must be >= 2 to sample k={k} rotation pairs, got d={d}")
+    i = torch.randint(0, max(d, 1), (k,), generator=generator)
+    j = torch.randint(0, max(d - 1, 1), (k,), generator=generator)
+    j = j + (j >= i).long()
+    return torch.stack([i, j], dim=1).to(device)
+
+
+def random_matching_pairs(
+    d: int, k: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    r"""Sample ``k`` pairs as a sequence of independent random perfect matchings of ``[0, d)``.
+
+    Each block of ``d // 2`` consecutive pairs is a uniformly random perfect matching (one coordinate is
+    left out when ``d`` is odd); the last block is truncated to reach ``k``. Every block is a single layer
+    of disjoint rotations, which makes the ASAP schedule as shallow as possible (``ceil(2k / d)`` layers),
+    at the price of a different walk than Kac's i.i.d. one.
+
+    Shape:
+        Output: ``(k, 2)``, ``torch.int64``.
+
+    Example:
+        >>> p = random_matching_pairs(6, 3, generator=torch.Generator().manual_seed(0))
+        >>> sorted(p.flatten().tolist()) == list(range(6))
+        True
+    """
+    d = check_int("d", d, minimum=1)
+    k = check_int("k", k, minimum=0)
+    generator = _cpu_generator(generator)
+    if k > 0 and d < 2:
+        raise ValueError(f"d must be >= 2 to sample k={k} rotation pairs, got d={d}")
+    half = d // 2
+    blocks = []
+    total = 0
+    while total < k:
+        perm = torch.randperm(d, generator=generator)[: 2 * half]
+        blocks.append(perm.view(half, 2))
+        total += half
+    if not blocks:
+        return torch.empty(0, 2, dtype=torch.long, device=device)
+    return torch.cat(blocks)[:k].to(device)
+
+
+def random_angles(
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Sample ``k`` angles uniformly on ``[0, 2 pi)``, drawn in float64 on the CPU, then cast and moved.
+
+    Example:
+        >>> a = random_angles(4, generator=torch.Generator().manual_seed(0))
+        >>> bool(((a >= 0) & (a < 2 * torch.pi)).all())
+        True
+    """
+    k = check_int("k", k, minimum=0)
+    generator = _cpu_generator(generator)
+    a = torch.rand(k, generator=generator, dtype=torch.float64) * (2 * math.pi)
+    return a.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plans
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_pairs(pairs: object, d: int | None) -> torch.Tensor:
+    if not isinstance(pairs, torch.Tensor):
+        raise TypeError(f"pairs must be a torch.Tensor of shape (k, 2), got {type(pairs).__name__}")
+    if pairs.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"pairs must have an integer dtype, got {pairs.dtype}")
+    if pairs.dim() != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must have shape (k, 2), got {tuple(pairs.shape)}")
+    p = pairs.detach().to("cpu", torch.int64)
+    if p.numel():
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or (d is not None and hi >= d):
+            bound = f"[0, {d})" if d is not None else ">= 0"
+            raise ValueError(f"pairs entries must lie in {bound}, got values from {lo} to {hi}")
+        same = (p[:, 0] == p[:, 1]).nonzero()
+        if same.numel():
+            r = int(same[0, 0])
+            raise ValueError(f"pairs must have i != j in every row, got pairs[{r}] = {p[r].tolist()}")
+    return p
+
+
+def asap_layers(pairs: torch.Tensor) -> torch.Tensor:
+    """Layer index of every rotation under the exact ASAP schedule ``max(last[i], last[j]) + 1``.
+
+    Rotations in one layer act on disjoint coordinates; a rotation's layer is larger than that of every
+    earlier rotation sharing a coordinate with it, so applying layers in order reproduces the product.
+
+    Shape:
+        pairs: ``(k, 2)``; output: ``(k,)`` ``int64`` layer ids starting at 0.
+
+    Example:
+        >>> asap_layers(torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3]])).tolist()
+        [0, 0, 1, 1]
+    """
+    p = _check_pairs(pairs, None)
+    rows = p.tolist()
+    last: dict[int, int] = {}
+    out = []
+    for i, j in rows:
+        layer = max(last.get(i, -1), last.get(j, -1)) + 1
+        last[i] = layer
+        last[j] = layer
+        out.append(layer)
+    return torch.tensor(out, dtype=torch.long)
+
+
+class GivensPlan:
+    """A validated, scheduled sequence of Givens pairs for vectors of dimension ``d``.
+
+    Building a plan validates the pairs and computes the ASAP layering once; ``givens_apply`` accepts a plan
+    wherever it accepts pairs (raw pairs are turned into plans through a small cache keyed on their values).
+
+    Args:
+        pairs: ``(k, 2)`` integer tensor, ``0 <= i, j < d``, ``i != j``.
+        d: the dimension the plan acts on.
+
+    Attributes:
+        d, num_rotations, depth (number of layers), pairs (CPU ``int64`` copy), layer_of (``(k,)`` layer ids).
+
+    Example:
+        >>> plan = GivensPlan(torch.tensor([[0, 1], [2, 3], [1, 2]]), d=4)
+        >>> plan.depth, plan.num_rotations
+        (2, 3)
+    """
+
+    def __init__(self, pairs: torch.Tensor, d: int) -> None:
+        self.d = check_int("d", d, minimum=1)
+        self.pairs = _check_pairs(pairs, self.d)
+        self.num_rotations = int(self.pairs.shape[0])
+        self.layer_of = asap_layers(self.pairs) if self.num_rotations else torch.empty(0, dtype=torch.long)
+        self.depth = int(self.layer_of.max()) + 1 if self.num_rotations else 0
+        # Rotations sorted by layer (stable: keeps product order inside a layer, irrelevant but tidy).
+        perm = torch.sort(self.layer_of, stable=True).indices
+        counts = torch.bincount(self.layer_of, minlength=self.depth) if self.depth else torch.zeros(0)
+        offsets = [0]
+        for c in counts.tolist():
+            offsets.append(offsets[-1] + int(c))
+        self.perm = perm
+        self.offsets: list[int] = offsets
+        # For every layer l with rotations perm[a:b] (m = b - a): the gather index [I..., J...] (2m entries),
+        # stored for all layers back to back at positions 2a : 2b.
+        idx = []
+        rot = []
+        sign = []
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            rs = perm[a:b]
+            idx.append(self.pairs[rs, 0])
+            idx.append(self.pairs[rs, 1])
+            rot.append(rs)
+            rot.append(rs)
+            sign.append(-torch.ones(b - a))
+            sign.append(torch.ones(b - a))
+        cat = (lambda xs, dt: torch.cat(xs).to(dt)) if idx else (lambda xs, dt: torch.empty(0, dtype=dt))
+        self.index = cat(idx, torch.long)  # (2k,)
+        self.rot_of_index = cat(rot, torch.long)  # (2k,) rotation id of every gather position
+        self.sign_of_index = cat(sign, torch.float64)  # (2k,) -1 on the I half, +1 on the J half
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations}, depth={self.depth})"
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(index, rot_of_index, sign_of_index, perm)`` on ``device`` (cached)."""
+        hit = self._device_cache.get(device)
+        if hit is None:
+            hit = tuple(  # type: ignore[assignment]
+                t.to(device) for t in (self.index, self.rot_of_index, self.sign_of_index, self.perm)
+            )
+            self._device_cache[device] = hit  # type: ignore[assignment]
+        return hit  # type: ignore[return-value]
+
+
+_PLAN_CACHE: OrderedDict[tuple[int, bytes], GivensPlan] = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+_PLAN_LOCK = threading.Lock()
+
+
+def as_plan(pairs: torch.Tensor | GivensPlan, d: int) -> GivensPlan:
+    """Return a :class:`GivensPlan` for ``pairs`` acting on dimension ``d`` (cached by the pairs' values)."""
+    if isinstance(pairs, GivensPlan):
+        if pairs.d != d:
+            raise ValueError(f"plan acts on dimension {pairs.d}, but x has last dimension {d}")
+        return pairs
+    if not isinstance(pairs, torch.Tensor):
+        raise TypeError(f"pairs must be a (k, 2) integer tensor or a GivensPlan, got {type(pairs).__name__}")
+    if pairs.dtype.is_floating_point or pairs.dtype.is_complex or pairs.dtype == torch.bool:
+        raise TypeError(f"pairs must have an integer dtype, got {pairs.dtype}")
+    key = (d, pairs.detach().to("cpu", torch.int64).contiguous().numpy().tobytes() + bytes(pairs.dim()))
+    with _PLAN_LOCK:
+        plan = _PLAN_CACHE.get(key)
+        if plan is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return plan
+    plan = GivensPlan(pairs, d)
+    with _PLAN_LOCK:
+        _PLAN_CACHE[key] = plan
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layered walk (pure PyTorch) and its autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _coefficients(
+    plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype, transpose: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per gather position: ``C = cos t`` and ``S = -/+ sin t`` (sign flipped for the transpose)."""
+    index, rot, sign, _ = plan.tensors(angles.device)
+    a = angles.to(cdtype)
+    c = torch.cos(a).index_select(0, rot)
+    s = torch.sin(a).index_select(0, rot) * sign.to(cdtype)
+    return c, (-s if transpose else s)
+
+
+def _layer_order(plan: GivensPlan, transpose: bool) -> Sequence[int]:
+    # M = G_1 ... G_k acts on a vector from the last rotation to the first; the transpose the other way.
+    return range(plan.depth) if transpose else range(plan.depth - 1, -1, -1)
+
+
+def _walk_forward(
+    state: torch.Tensor, plan: GivensPlan, c: torch.Tensor, s: torch.Tensor, transpose: bool, inplace: bool
+) -> torch.Tensor:
+    """Rotate the feature-major ``state (d, N)``; in place when ``inplace`` (no autograd)."""
+    index = plan.tensors(state.device)[0]
+    off = plan.offsets
+    for layer in _layer_order(plan, transpose):
+        lo, hi = 2 * off[layer], 2 * off[layer + 1]
+        m = off[layer + 1] - off[layer]
+        idx = index[lo:hi]
+        ab = state.index_select(0, idx)  # rows [x_I; x_J]
+        new = torch.addcmul(ab * c[lo:hi, None], ab.roll(m, 0), s[lo:hi, None])
+        state = state.index_copy_(0, idx, new) if inplace else state.index_copy(0, idx, new)
+    return state
+
+
+def _walk_backward(
+    v: torch.Tensor, g: torch.Tensor, plan: GivensPlan, c: torch.Tensor, s: torch.Tensor, transpose: bool,
+    inplace: bool, visit: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From output ``v`` and its gradient ``g`` (both ``(d, N)``) return (input gradient, gradient w.r.t.
+    the applied angles in gather-position order, one value per rotation laid out like ``plan.perm``).
+
+    ``visit(a, b, state)``, when given, sees the stacked ``(v, g)`` state right after the layer holding the
+    rotations ``plan.perm[a:b]`` (before it is undone)."""
+    index = plan.tensors(v.device)[0]
+    off = plan.offsets
+    state = torch.stack([v, g])  # (2, d, N)
+    grads: list[tuple[int, torch.Tensor]] = []
+    for layer in reversed(list(_layer_order(plan, transpose))):
+        lo, hi = 2 * off[layer], 2 * off[layer + 1]
+        m = off[layer + 1] - off[layer]
+        idx = index[lo:hi]
+        if visit is not None:
+            visit(off[layer], off[layer + 1], state)
+        both = state.index_select(1, idx)  # (2, 2m, N): [v_I; v_J], [g_I; g_J]
+        swapped = both.roll(m, 1)
+        prod = (both[1] * swapped[0]).sum(-1)  # [g_I v_J; g_J v_I]
+        grads.append((off[layer], prod[m:] - prod[:m]))  # d L / d(applied angle)
+        new = torch.addcmul(both * c[lo:hi, None], swapped, s[lo:hi, None], value=-1.0)  # inverse rotation
+        state = state.index_copy_(1, idx, new) if inplace else state.index_copy(1, idx, new)
+    grads.sort(key=lambda t: t[0])
+    if grads:
+        gt = torch.cat([t[1] for t in grads])
+    else:
+        gt = v.new_zeros(0)
+    return state[1], gt
+
+
+class _GivensFunction(torch.autograd.Function):
+    """``y = x @ M^T`` (or ``x @ M``) on a 2-D batch; saves only ``y`` and the angles."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool):  # type: ignore[override]
+        cdtype = _compute_dtype(x.dtype)
+        c, s = _coefficients(plan, angles, cdtype, transpose)
+        state = x.t().to(cdtype, copy=True).contiguous()  # (d, N), feature-major
+        state = _walk_forward(state, plan, c, s, transpose, inplace=True)
+        y = state.t().to(x.dtype).contiguous()
+        ctx.save_for_backward(y, angles)
+        ctx.plan = plan
+        ctx.transpose = transpose
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        y, angles = ctx.saved_tensors
+        plan: GivensPlan = ctx.plan
+        transpose: bool = ctx.transpose
+        cdtype = _compute_dtype(y.dtype)
+        differentiable = torch.is_grad_enabled()  # create_graph=True: record the backward itself
+        c, s = _coefficients(plan, angles, cdtype, transpose)
+        v = y.t().to(cdtype).contiguous()
+        g = gy.t().to(cdtype).contiguous()
+        gx_t, gt = _walk_backward(v, g, plan, c, s, transpose, inplace=not differentiable)
+        gx = gx_t.t().to(y.dtype).contiguous() if ctx.needs_input_grad[0] else None
+        gangles = None
+        if ctx.needs_input_grad[1]:
+            perm = plan.tensors(gt.device)[3]
+            if differentiable:
+                gangles = torch.zeros_like(gt).index_copy(0, perm, gt)
+            else:
+                gangles = torch.empty_like(gt).index_copy_(0, perm, gt)
+            if transpose:
+                gangles = -gangles
+            gangles = gangles.to(angles.dtype)
+        return gx, gangles, None, None
+
+
+def _apply_reference(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return _GivensFunction.apply(x2, angles, plan, transpose)
+
+
+def _apply_dense(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
+    eye = torch.eye(plan.d, dtype=x2.dtype, device=x2.device)
+    mt = _GivensFunction.apply(eye, angles, plan, transpose)  # = M^T (or M when transposed)
+    if x2.dtype in (torch.float16, torch.bfloat16) and x2.device.type == "cpu":
+        return (x2.float() @ mt.float()).to(x2.dtype)
+    return x2 @ mt
+
+
+# Cost model for backend="auto" (constants measured on a 2-core EPYC, torch 2.13 CPU, 1 thread; see
+# BENCHMARKS.md). The layered walk costs a fixed dispatch cost per layer plus 6 k N / WALK_FLOPS; the dense
+# path pays the same walk on the d x d identity (the per-layer cost cancels) plus a GEMM of 2 N d^2 flops.
+WALK_FLOPS = 2.0e9
+GEMM_FLOPS = 60e9
+
+
+def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, requires_grad: bool = False) -> str:
+    """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d``.
+
+    Dense wins when the batch is much larger than ``d`` (the identity costs ``d`` "rows" once, then every row
+    costs only ``2 d^2`` GEMM flops instead of ``6 k`` rotation flops): we pick it when
+    ``6 k n_rows / WALK_FLOPS > 6 k d / WALK_FLOPS + 2 n_rows d^2 / GEMM_FLOPS`` (backward roughly doubles
+    both sides, so ``requires_grad`` does not change the decision).
+    """
+    k = plan.num_rotations
+    walk = 6.0 * k * n_rows / WALK_FLOPS
+    dense = 6.0 * k * d / WALK_FLOPS + 2.0 * n_rows * d * d / GEMM_FLOPS
+    return "dense" if dense < walk else "reference"
+
+
+_IMPLS = {"reference": _apply_reference, "dense": _apply_dense}
+
+
+def givens_apply(
+    x: torch.Tensor,
+    pairs: torch.Tensor | GivensPlan,
+    angles: torch.Tensor,
+    *,
+    transpose: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Apply the Givens product :math:`M = G(i_1, j_1, t_1) \cdots G(i_k, j_k, t_k)` to a batch.
+
+    Returns :math:`x M^\top` (every row ``x`` becomes ``M x``), or :math:`x M` (the inverse,
+    :math:`M^{-1} = M^\top`) when ``transpose=True``, in ``O(k)`` work per vector. Differentiable in ``x`` and
+    ``angles`` (also twice). Only the output is saved for backward: extra memory ``O(batch x d)``.
+
+    Args:
+        x: ``(..., d)`` floating tensor (float16, bfloat16, float32 or float64; 16-bit inputs are rotated in
+            float32 and rounded once at the end).
+        pairs: ``(k, 2)`` integer tensor of coordinates, ``0 <= i, j < d``, ``i != j``, or a
+            :class:`GivensPlan`.
+        angles: ``(k,)`` tensor of angles in radians, same dtype and device as ``x``.
+        transpose: apply :math:`M^\top` instead of :math:`M`.
+        backend: one of :data:`BACKENDS`.
+
+    Shape:
+        x: ``(..., d)``; pairs: ``(k, 2)``; angles: ``(k,)``; output: ``(..., d)``.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0]])
+        >>> givens_apply(x, torch.tensor([[0, 1]]), torch.tensor([torch.pi / 2]))
+        tensor([[-4.3711e-08,  1.0000e+00]])
+    """
+    x = check_float_tensor("x", x)
+    angles = check_float_tensor("angles", angles)
+    backend = check_choice("backend", backend, BACKENDS)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., d), got a 0-d tensor")
+    d = int(x.shape[-1])
+    if d < 1:
+        raise ValueError(f"x must have a last dimension d >= 1, got shape {tuple(x.shape)}")
+    if angles.dim() != 1:
+        raise ValueError(f"angles must have shape (k,), got {tuple(angles.shape)}")
+    if angles.device != x.device:
+        raise ValueError(f"angles and x must be on the same device, got angles on {angles.device}, x on {x.device}")
+    if isinstance(pairs, torch.Tensor) and pairs.device != x.device and pairs.device.type != "cpu":
+        raise ValueError(f"pairs must be on the CPU or on x's device {x.device}, got {pairs.device}")
+    if angles.dtype != x.dtype:
+        raise TypeError(f"angles must have the same dtype as x ({x.dtype}), got {angles.dtype}")
+    plan = as_plan(pairs, d)
+    if angles.shape[0] != plan.num_rotations:
+        raise ValueError(
+            f"angles must have shape ({plan.num_rotations},) to match pairs, got {tuple(angles.shape)}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    if backend == "auto":
+        backend = choose_backend(x2.shape[0], d, plan, requires_grad=x.requires_grad or angles.requires_grad)
+    y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
+    return y2.reshape(*lead, d)
+
+
+def givens_matrix(
+    pairs: torch.Tensor | GivensPlan, angles: torch.Tensor, d: int, *, transpose: bool = False
+) -> torch.Tensor:
+    r"""The dense ``d x d`` matrix :math:`M = G_1 \cdots G_k` (or :math:`M^\top`), differentiable in ``angles``.
+
+    Computed by the layered walk on the identity (``O(k d)`` work, never a product of dense matrices).
+
+    Shape:
+        pairs: ``(k, 2)``; angles: ``(k,)``; output: ``(d, d)`` with the dtype and device of ``angles``.
+
+    Example:
+        >>> m = givens_matrix(torch.tensor([[0, 1]]), torch.tensor([0.3]), 3)
+        >>> torch.allclose(m @ m.T, torch.eye(3))
+        True
+    """
+    d = check_int("d", d, minimum=1)
+    angles = check_float_tensor("angles", angles)
+    eye = torch.eye(d, dtype=angles.dtype, device=angles.device)
+    return givens_apply(eye, pairs, angles, transpose=not transpose, backend="reference")
+
+
+def plane_scores(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    pairs: torch.Tensor | GivensPlan,
+    angles: torch.Tensor,
+    candidates: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Directional derivatives of a loss for rotating in candidate planes at every position of the product.
+
+    For ``y = givens_apply(x, pairs, angles)`` with upstream gradient ``grad_y = dL/dy``, the score of
+    candidate plane ``(I, J)`` for rotation ``r`` is :math:`\partial L / \partial t` of a rotation
+    :math:`G(I, J, t)` inserted at ``t = 0`` next to rotation ``r`` (at the boundary of its ASAP layer):
+    :math:`\sum_b g_J v_I - g_I v_J`, with ``v`` the state and ``g`` its gradient there. This is the
+    coordinate of the Riemannian gradient that Algorithm 1 of the paper maximizes, restricted to the
+    candidates. Cost ``O(k (c + 1) batch)``.
+
+    Args:
+        x: ``(N, d)`` input batch; grad_y: ``(N, d)`` gradient of the loss w.r.t. the output.
+        pairs, angles: the product, as in :func:`givens_apply`.
+        candidates: ``(k, c, 2)`` integer tensor of candidate planes for every rotation.
+
+    Returns:
+        ``(scores (k, c), current (k,))``: candidate scores and ``dL/dt_r`` of the current planes.
+    """
+    x = check_float_tensor("x", x)
+    d = int(x.shape[-1])
+    plan = as_plan(pairs, d)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have the shape of x {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    k = plan.num_rotations
+    if candidates.dim() != 3 or candidates.shape[0] != k or candidates.shape[2] != 2:
+        raise ValueError(f"candidates must have shape ({k}, c, 2), got {tuple(candidates.shape)}")
+    cdtype = _compute_dtype(x.dtype)
+    with torch.no_grad():
+        c, s = _coefficients(plan, angles.detach(), cdtype, False)
+        y = _walk_forward(x.detach().reshape(-1, d).t().to(cdtype, copy=True).contiguous(), plan, c, s,
+                          False, inplace=True)
+        g = grad_y.detach().reshape(-1, d).t().to(cdtype).contiguous()
+        perm = plan.perm.to(x.device)
+        cand = candidates.to(x.device, torch.long)
+        scores = torch.zeros(k, candidates.shape[1], dtype=cdtype, device=x.device)
+
+        def visit(a: int, b: int, state: torch.Tensor) -> None:
+            rot = perm[a:b]
+            cd = cand.index_select(0, rot)  # (m, c, 2)
+            vi, vj = state[0][cd[..., 0]], state[0][cd[..., 1]]  # (m, c, N)
+            gi, gj = state[1][cd[..., 0]], state[1][cd[..., 1]]
+            scores[rot] = (gj * vi - gi * vj).sum(-1)
+
+        _, gt = _walk_backward(y, g, plan, c, s, False, inplace=True, visit=visit)
+        current = torch.empty_like(gt).index_copy_(0, perm, gt)
+    return scores, current

@@ -1,0 +1,370 @@
+r"""Structured linear layers: :class:`KamaLinear` (products of Givens rotations) and :class:`ToeplitzLinear`.
+
+Both honour the ``torch.nn.Linear`` contract: ``(in_features, out_features, bias=True, *, device=None,
+dtype=None)``, parameters created empty and filled by ``reset_parameters()``, ``extra_repr()``, a
+``state_dict`` round trip, and ``to_dense()`` returning the ``(out_features, in_features)`` weight ``W``
+with ``layer(x) == x @ W.T + bias``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._checks import check_int
+from .givens import (
+    default_num_rotations,
+    givens_apply,
+    givens_matrix,
+    plane_scores,
+    random_angles,
+    random_pairs,
+)
+
+__all__ = ["KamaLinear", "ToeplitzLinear"]
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:
+    """U(-bound, bound) drawn in float64 on the CPU (same values on every device and dtype)."""
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+class KamaLinear(nn.Module):
+    r"""A linear layer whose weight is a truncated, renormalized product of ``k`` Givens rotations.
+
+    With ``n = max(in_features, out_features)`` and :math:`M = G_1 \cdots G_k \in SO(n)` (see
+    :func:`kama.givens_apply` for the convention), the weight is
+
+    .. math::
+        W = \operatorname{diag}(s)\, M_{[:d_1, :]} \quad (d_1 \le d_2), \qquad
+        W = M_{[:, :d_2]} \operatorname{diag}(s) \quad (d_1 > d_2),
+
+    where ``d1 = out_features``, ``d2 = in_features`` and ``s`` holds ``min(d1, d2)`` learned
+    renormalization scalars (the paper's section 2). The forward pass never forms ``W``: it zero-pads the
+    input to ``n``, applies the ``k`` rotations in ``O(k)`` per vector and drops the extra outputs.
+
+    Parameters are the ``k`` angles (a buffer when ``learn_angles=False``), the scalars and the bias. The
+    planes ``pairs`` are a buffer: i.i.d. uniform coordinate pairs (Kac's walk) drawn at initialization.
+
+    Initialization: angles uniform on ``[0, 2 pi)`` (a Kac-walk random rotation), scalars
+    :math:`s = \sqrt{n / (3\, d_2)}` and bias :math:`U(-1/\sqrt{d_2}, 1/\sqrt{d_2})`. For a well-mixed
+    ``M`` every output then has :math:`E[y_i^2] = \lVert x \rVert^2 / (3 d_2)` (plus the bias), the same second
+    moment as ``nn.Linear``'s default (Kaiming-uniform with ``a = sqrt(5)``).
+
+    Learned planes (``learn_planes=True``, the paper's section 6.3): angles start at 0 (``M = I``, as
+    Algorithm 1 starts from ``M0 = I``) and the coordinate planes are re-selected during training by the
+    Riemannian gradient. Every ``plane_update_every`` training forward passes, the backward pass scores
+    ``plane_candidates`` random planes per rotation by the directional derivative of the loss
+    (:func:`kama.givens.plane_scores`); each *idle* rotation (``|sin(t/2)| <= plane_tol``, i.e. within
+    ``plane_tol`` of the identity) moves to its best candidate if that beats its current plane (greedily:
+    at most ``ceil(k / 8)`` rotations per update, largest gain first, as Algorithm 1 picks one), with angle
+    reset to 0, so the function changes by at most the idle rotations' tiny angles. The change is applied
+    at the start of the next forward pass (optimizer state kept for those angles is then stale, like a
+    re-initialized coordinate). :meth:`reselect_planes` does the same step by hand.
+
+    Args:
+        in_features: size of each input sample (``d2``).
+        out_features: size of each output sample (``d1``).
+        bias: learn an additive bias.
+        num_rotations: ``k``; default :func:`kama.default_num_rotations` ``(n) = ceil(n ln n)``.
+        learn_angles: angles are a parameter (else a fixed random buffer).
+        learn_planes: re-select planes during training (see above).
+        plane_update_every, plane_candidates, plane_tol: the plane re-selection schedule.
+        device, dtype: factory arguments, as in ``nn.Linear``.
+        generator: CPU ``torch.Generator`` for the initialization (planes, angles, bias) and the candidate
+            planes; ``None`` uses the global RNG.
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+
+    Attributes:
+        pairs: ``(k, 2)`` ``int64`` buffer of coordinate planes.
+        angles: ``(k,)`` rotation angles.
+        scale: ``(min(in_features, out_features),)`` renormalization scalars.
+        bias: ``(out_features,)`` or ``None``.
+
+    Example:
+        >>> layer = KamaLinear(20, 30, generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(128, 20)
+        >>> layer(x).shape
+        torch.Size([128, 30])
+        >>> torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-5)
+        True
+    """
+
+    __constants__ = ["in_features", "out_features", "num_rotations"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        num_rotations: int | None = None,
+        learn_angles: bool = True,
+        learn_planes: bool = False,
+        plane_update_every: int = 50,
+        plane_candidates: int = 16,
+        plane_tol: float = 0.05,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.n = max(self.in_features, self.out_features)
+        if num_rotations is None:
+            num_rotations = default_num_rotations(self.n)
+        self.num_rotations = check_int("num_rotations", num_rotations, minimum=0)
+        if self.n < 2 and self.num_rotations > 0:
+            raise ValueError(
+                f"num_rotations must be 0 when max(in_features, out_features) == 1, got {self.num_rotations}"
+            )
+        self.learn_angles = bool(learn_angles)
+        self.learn_planes = bool(learn_planes)
+        if self.learn_planes and not self.learn_angles:
+            raise ValueError("learn_planes=True requires learn_angles=True, got learn_angles=False")
+        self.plane_update_every = check_int("plane_update_every", plane_update_every, minimum=1)
+        self.plane_candidates = check_int("plane_candidates", plane_candidates, minimum=1)
+        if not (isinstance(plane_tol, (int, float)) and 0.0 <= float(plane_tol) <= 1.0):
+            raise ValueError(f"plane_tol must be a number in [0, 1], got {plane_tol!r}")
+        self.plane_tol = float(plane_tol)
+        self.plane_max_moves = max(1, math.ceil(self.num_rotations / 8))
+
+        k = self.num_rotations
+        self.register_buffer("pairs", torch.zeros(k, 2, dtype=torch.long, device=device))
+        angles = torch.empty(k, **factory)
+        if self.learn_angles:
+            self.angles = nn.Parameter(angles)
+        else:
+            self.register_buffer("angles", angles)
+        self.scale = nn.Parameter(torch.empty(min(self.in_features, self.out_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._plane_seed = 0
+        self._train_steps = 0
+        self._pending_planes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters(generator=generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Redraw planes and angles, reset the scalars and redraw the bias (see the class docstring)."""
+        k, n = self.num_rotations, self.n
+        with torch.no_grad():
+            self.pairs.copy_(random_pairs(n, k, generator=generator))
+            if self.learn_planes:
+                self.angles.zero_()
+            else:
+                self.angles.copy_(random_angles(k, generator=generator, dtype=torch.float64))
+            self.scale.fill_(math.sqrt(n / (3.0 * self.in_features)))
+            if self.bias is not None:
+                self.bias.copy_(_uniform((self.out_features,), 1.0 / math.sqrt(self.in_features), generator))
+        self._pending_planes = None
+        if self.learn_planes:  # seed of the candidate planes drawn during training
+            self._plane_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    # ------------------------------------------------------------------------------------------------------
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features > self.in_features:
+            x = x * self.scale
+            x = F.pad(x, (0, self.n - self.in_features))
+        return x
+
+    def _finish_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_features <= self.in_features:
+            if self.out_features < self.n:
+                y = y[..., : self.out_features]
+            y = y * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        record = False
+        if self.learn_planes:
+            self._apply_pending_planes()
+            if self.training and torch.is_grad_enabled() and self.num_rotations > 0:
+                record = self._train_steps % self.plane_update_every == 0
+                self._train_steps += 1
+        xp = self._pad_input(x)
+        y = givens_apply(xp, self.pairs, self.angles)
+        if record and y.requires_grad:
+            xd = xp.detach()
+            y.register_hook(lambda g: self._propose_planes(xd, g))
+        return self._finish_output(y)
+
+    # ------------------------------------------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight ``W`` (differentiable), ``layer(x) == x @ W.T + b``."""
+        m = givens_matrix(self.pairs, self.angles, self.n)
+        if self.out_features <= self.in_features:
+            return self.scale[:, None] * m[: self.out_features, :]
+        return m[:, : self.in_features] * self.scale[None, :]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Materialized weight, as ``nn.Linear.weight`` would be (read-only view of :meth:`to_dense`)."""
+        return self.to_dense()
+
+    def num_parameters(self) -> int:
+        """Learned parameters as the paper's Table 1 counts them: angles + scalars + bias (planes excluded)."""
+        n = self.scale.numel() + (self.angles.numel() if self.learn_angles else 0)
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"num_rotations={self.num_rotations}"
+        )
+        if not self.learn_angles:
+            s += ", learn_angles=False"
+        if self.learn_planes:
+            s += f", learn_planes=True, plane_update_every={self.plane_update_every}"
+        return s
+
+    # ------------------------------------------------------------------------------------------------------
+    def _candidate_planes(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self._plane_seed + self._train_steps)
+        k, c = self.num_rotations, self.plane_candidates
+        return random_pairs(self.n, k * c, generator=gen).view(k, c, 2)
+
+    def _choose_planes(self, xp: torch.Tensor, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cand = self._candidate_planes().to(xp.device)
+        scores, current = plane_scores(xp.reshape(-1, self.n), grad_y.reshape(-1, self.n), self.pairs,
+                                       self.angles.detach(), cand)
+        best = scores.abs().argmax(dim=1)
+        best_score = scores.abs().gather(1, best[:, None])[:, 0]
+        idle = torch.sin(self.angles.detach().to(scores.dtype) / 2).abs() <= self.plane_tol
+        gain = torch.where(idle & (best_score > current.abs()), best_score - current.abs(), -1.0)
+        # Greedy, as Algorithm 1: move only the rotations with the largest gains (at most plane_max_moves).
+        top = torch.topk(gain, min(self.plane_max_moves, gain.numel())).indices
+        rows = top[gain[top] > 0]
+        new = cand[rows, best[rows]]
+        return rows, new
+
+    def _propose_planes(self, xp: torch.Tensor, grad_y: torch.Tensor) -> None:
+        self._pending_planes = self._choose_planes(xp, grad_y)
+
+    def _apply_pending_planes(self) -> int:
+        pending, self._pending_planes = self._pending_planes, None
+        if pending is None:
+            return 0
+        rows, new = pending
+        if rows.numel():
+            with torch.no_grad():
+                self.pairs[rows] = new.to(self.pairs.device)
+                self.angles[rows] = 0
+        return int(rows.numel())
+
+    def reselect_planes(self, x: torch.Tensor, grad_output: torch.Tensor) -> int:
+        """One plane re-selection step now, from an input batch and ``dL/d(pre-bias output)``.
+
+        Args:
+            x: ``(*, in_features)`` input; grad_output: ``(*, out_features)`` gradient of the loss with
+                respect to the layer's output.
+
+        Returns:
+            The number of rotations that moved to a new plane.
+        """
+        if not self.learn_planes:
+            raise ValueError("reselect_planes needs a layer built with learn_planes=True, got learn_planes=False")
+        with torch.no_grad():
+            xp = self._pad_input(x)
+            g = grad_output
+            if self.out_features <= self.in_features:
+                g = F.pad(g * self.scale, (0, self.n - self.out_features))
+        self._pending_planes = self._choose_planes(xp, g)
+        return self._apply_pending_planes()
+
+
+class ToeplitzLinear(nn.Module):
+    r"""A linear layer with a Toeplitz weight: ``W[a, b] = c[a - b + in_features - 1]``.
+
+    The low-displacement-rank baseline of the paper's RL experiments (Choromanski et al., 2018,
+    "Structured evolution"): ``in_features + out_features - 1`` weight parameters plus an optional bias.
+    Initialized like ``nn.Linear`` (:math:`U(-1/\sqrt{d_2}, 1/\sqrt{d_2})` for coefficients and bias).
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(*, out_features)``.
+
+    Attributes:
+        coeffs: ``(in_features + out_features - 1,)`` diagonal values, from the bottom-left corner.
+        bias: ``(out_features,)`` or ``None``.
+
+    Example:
+        >>> layer = ToeplitzLinear(3, 2, bias=False)
+        >>> w = layer.to_dense()
+        >>> bool(w[0, 0] == w[1, 1]) and bool(w[0, 1] == w[1, 2])
+        True
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.coeffs = nn.Parameter(torch.empty(self.in_features + self.out_features - 1, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters(generator=generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Redraw coefficients and bias from ``U(-1/sqrt(in_features), 1/sqrt(in_features))``."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.coeffs.copy_(_uniform(tuple(self.coeffs.shape), bound, generator))
+            if self.bias is not None:
+                self.bias.copy_(_uniform((self.out_features,), bound, generator))
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        rows = torch.arange(self.out_features, device=device)[:, None]
+        cols = torch.arange(self.in_features, device=device)[None, :]
+        return rows - cols + (self.in_features - 1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` Toeplitz weight (differentiable)."""
+        return self.coeffs[self._index(self.coeffs.device)]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Materialized weight (see :meth:`to_dense`)."""
+        return self.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        return F.linear(x, self.to_dense(), self.bias)
+
+    def num_parameters(self) -> int:
+        """``in_features + out_features - 1`` coefficients plus the bias."""
+        return self.coeffs.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

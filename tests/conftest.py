@@ -1,0 +1,33 @@
+"""Shared fixtures and the dense oracle: explicit products of n x n Givens matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def oracle_matrix(pairs: torch.Tensor, angles: torch.Tensor, d: int) -> torch.Tensor:
+    """M = G_1 G_2 ... G_k by explicit dense products (slow, obviously right)."""
+    m = torch.eye(d, dtype=angles.dtype, device=angles.device)
+    eye = torch.eye(d, dtype=angles.dtype, device=angles.device)
+    for (i, j), t in zip(pairs.tolist(), angles.unbind(0) if angles.numel() else [], strict=False):
+        g = eye.clone()
+        c, s = torch.cos(t), torch.sin(t)
+        g = g.index_put((torch.tensor([i, j, j, i]), torch.tensor([i, j, i, j])), torch.stack([c, c, s, -s]))
+        m = m @ g
+    return m
+
+
+def tol(dtype: torch.dtype, k: int = 0, d: int = 1) -> float:
+    """Tolerance derived from the dtype: rounding grows like sqrt(number of operations)."""
+    eps = torch.finfo(dtype).eps
+    return 20.0 * math.sqrt(k + d + 1) * eps
