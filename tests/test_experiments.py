@@ -1,0 +1,116 @@
+"""``kama reproduce``: end to end, resume after interruption, provenance, bad input; the capacity statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from kama.cli import main
+from kama.experiments import capacity
+from kama.experiments.base import RunContext
+
+TINY = ["--set", "capacity.walks=200", "--set", "capacity.dims=[8]", "--set", "capacity.ratios=[0.5, 2]",
+        "--set", "capacity.fit_ratios=[1, 4]", "--set", "capacity.fit_steps=50"]
+
+
+def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "kama.cli", "reproduce", "--quick", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "report.md").read_text()
+    assert "quick mode" in report and "capacity/capacity.png" in report
+    for name in ("capacity.png", "capacity_mixing.csv", "capacity_fit.csv", "done.json", "summary.md"):
+        assert (out / "capacity" / name).stat().st_size > 0, name
+    done = json.loads((out / "capacity" / "done.json").read_text())
+    assert done["config"]["seed"] == 0 and done["git_commit"] and done["kama_version"]
+    header = (out / "capacity" / "capacity_mixing.csv").read_text().splitlines()[0]
+    assert header.split(",")[:4] == ["d", "ratio", "k", "ks"]
+
+
+def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", *TINY]) == 0
+    first = json.loads((out / "capacity" / "done.json").read_text())
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", *TINY]) == 0
+    assert json.loads((out / "capacity" / "done.json").read_text()) == first  # not rerun
+    assert "reused" in (out / "report.md").read_text()
+    # Interrupted: the experiment never finished, but three units are stored and are not recomputed.
+    (out / "capacity" / "done.json").unlink()
+    units = sorted((out / "capacity" / "units").glob("*.json"))
+    assert len(units) == 3
+    stamps = [u.stat().st_mtime_ns for u in units]
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", *TINY]) == 0
+    assert "3 stored units reused" in (out / "report.md").read_text()
+    assert [u.stat().st_mtime_ns for u in units] == stamps
+    # A different config does not reuse units; --force recomputes.
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", *TINY[:-2],
+                 "--set", "capacity.fit_steps=60"]) == 0
+    assert "0 stored units reused" in (out / "report.md").read_text()
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", "--force", *TINY]) == 0
+    assert "0 stored units reused" in (out / "report.md").read_text()
+
+
+def test_corrupt_unit_is_recomputed(tmp_path):
+    ctx = RunContext(out_dir=tmp_path)
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "u.json").write_text("{not json")
+    assert ctx.unit("u", lambda: [1, 2]) == [1, 2]
+    assert ctx.unit("u", lambda: [3]) == [1, 2]
+    assert ctx.units_done == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "--only", "nope"], "unknown experiment"),
+        (["reproduce", "--set", "capacity.bogus=1"], "unknown config field"),
+        (["reproduce", "--only", "capacity", "--set", "other.x=1"], "not being run"),
+    ],
+)
+def test_cli_bad_input(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_set_syntax_and_list(capsys):
+    with pytest.raises(SystemExit, match="EXPERIMENT.FIELD=JSON"):
+        main(["reproduce", "--set", "walks=3"])
+    assert main(["list"]) == 0
+    assert "capacity" in capsys.readouterr().out
+
+
+def test_reproduce_bad_mode():
+    from kama.experiments import reproduce
+
+    with pytest.raises(ValueError, match="mode must be"):
+        reproduce(mode="medium")
+
+
+def test_kac_walk_mixes_at_d_log_d_scale():
+    rows = capacity.mixing_statistics(16, (0.25, 4.0), walks=3000, seed=1)
+    early, late = rows
+    # Far from Haar after 0.25 d ln d steps; within noise of Haar after 4 d ln d.
+    assert early["m4_ratio"] > 2.5 and early["ks"] > 0.2
+    assert abs(late["m4_ratio"] - 1) < 0.1
+    assert late["ks"] < 3 * late["ks_haar_floor"]
+
+
+def test_fitting_needs_about_dim_so_d_rotations():
+    few = capacity.fit_error(6, 0.5, steps=200, lr=0.05, seed=0)
+    many = capacity.fit_error(6, 4.0, steps=400, lr=0.05, seed=0)
+    assert few["k"] < 6 * 5 / 2 <= many["k"]
+    assert few["rel_error"] > 0.3
+    assert many["rel_error"] < 1e-3
+
+
+def test_haar_rotation_is_special_orthogonal():
+    import torch
+
+    q = capacity.haar_rotation(7, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(q @ q.T, torch.eye(7, dtype=torch.float64))
+    assert math.isclose(float(torch.linalg.det(q)), 1.0, rel_tol=1e-9)
