@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import kama
 from conftest import oracle_matrix, tol
-from kama.givens import GivensPlan, as_plan, choose_backend, plane_scores
+from kama.givens import GivensPlan, as_plan, choose_backend, cpu_kernel_available, plane_scores
 
-BACK = ["reference", "dense"]
+BACK = ["reference", "cpu", "dense"]
 
 
 def make(d: int, k: int, seed: int, dtype=torch.float64, matching: bool = False):
@@ -245,10 +245,12 @@ def test_dense_and_reference_agree_and_auto_chooses_by_cost():
         atol=1e-5,
         rtol=1e-5,
     )
+    walk = "cpu" if cpu_kernel_available() else "reference"
     assert choose_backend(3000, 16, plan) == "dense"
-    assert choose_backend(1, 16, plan) == "reference"
+    assert choose_backend(1, 16, plan) == walk
     big = GivensPlan(kama.random_pairs(1024, 5000, generator=g), 1024)
-    assert choose_backend(64, 1024, big) == "reference"
+    assert choose_backend(64, 1024, big) == walk
+    assert choose_backend(64, 1024, big, device="meta") == "reference"
 
 
 def test_plan_cache_and_plans_as_pairs():

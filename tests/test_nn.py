@@ -296,3 +296,37 @@ def test_toeplitz_structure_and_count():
             assert w[a, b] == layer.coeffs[a - b + 3]
     assert layer.num_parameters() == 4 + 3 - 1 + 3
     assert ToeplitzLinear(4, 3, bias=False).num_parameters() == 6
+
+
+def test_inference_cache_follows_every_write_including_data():
+    layer = KamaLinear(16, 16, num_rotations=40, generator=gen(0))
+    x = torch.randn(4096, 16)  # large batch: the cached dense matrix wins
+
+    def fresh():  # the walk, not the cache
+        return kama.givens_apply(x, layer.pairs, layer.angles, backend="reference") * layer.scale + layer.bias
+
+    def bump_angles():
+        layer.angles.data[3] += 0.5  # as TRPO's line search: no version bump
+
+    def bump_scale():
+        layer.scale.data.mul_(2.0)
+
+    def move_plane():
+        layer.pairs[0] = torch.tensor([2, 3]) if layer.pairs[0].tolist() == [1, 2] else torch.tensor([1, 2])
+
+    outs = []
+    with torch.no_grad():
+        for change in (lambda: None, bump_angles, bump_scale, move_plane):
+            change()
+            y = layer(x)
+            assert "_dense_cache" in layer.__dict__
+            torch.testing.assert_close(y, fresh(), atol=1e-5, rtol=1e-5)
+            outs.append(y)
+    for a, b in zip(outs, outs[1:], strict=False):
+        assert not torch.allclose(a, b)
+    # With gradients the cache is not used and gradients flow to the angles.
+    layer(x[:8]).sum().backward()
+    assert layer.angles.grad is not None
+    clone = copy.deepcopy(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), layer(x))

@@ -25,13 +25,48 @@ TRPO): when autograd records it, the same walk runs with out-of-place operations
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ._checks import check_choice, check_float_tensor, check_int
+
+try:  # the optional compiled CPU kernel (built by setup.py; plain C, see _cgivens.c)
+    from . import _cgivens  # type: ignore[attr-defined]
+
+    _CGIVENS_ERROR: Exception | None = None
+except ImportError as _e:  # pragma: no cover - exercised by simulating the failure in tests
+    _cgivens = None
+    _CGIVENS_ERROR = _e
+_WARNED_NO_KERNEL = False
+
+
+def _use_torch_openmp() -> bool:
+    """Run the compiled kernel's threads on torch's own OpenMP team (found in this process's loaded
+    libraries), so that they never compete with torch's spinning OpenMP workers. Returns success."""
+    if _cgivens is None or not os.path.exists("/proc/self/maps") or os.environ.get("KAMA_PTHREADS"):
+        return False
+    try:
+        import ctypes
+
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line and line.strip().endswith(".so.1")}
+        if "OpenMP" not in torch.__config__.parallel_info() or len(paths) != 1:
+            return False
+        lib = ctypes.CDLL(paths.pop(), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        addr = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
+                for n in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+        _cgivens.set_openmp(*addr)
+        return True
+    except (OSError, AttributeError, ValueError):  # pragma: no cover - other platforms
+        return False
+
+
+_KERNEL_OPENMP = _use_torch_openmp()
 
 __all__ = [
     "GivensPlan",
@@ -48,10 +83,14 @@ __all__ = [
     "as_plan",
 ]
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "dense")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "dense")
 """Names accepted by ``givens_apply(..., backend=...)``.
 
-* ``"reference"``: the vectorized pure-PyTorch layered walk (custom autograd, saves only the output).
+* ``"reference"``: the vectorized pure-PyTorch layered walk (custom autograd, saves only the output); the
+  oracle of the fast paths, and the path of CUDA tensors until a GPU kernel exists.
+* ``"cpu"``: the compiled C kernel (``kama._cgivens``): batch tiles in cache, rotations in sequence with SIMD
+  across the batch, threads across tiles, the same saved-output backward. Falls back to ``"reference"`` with
+  one warning if the extension could not be built or loaded.
 * ``"dense"``: materialize ``M`` (the reference walk applied to the identity), then one GEMM.
 * ``"auto"``: the cost model in :func:`choose_backend`.
 """
@@ -268,6 +307,9 @@ class GivensPlan:
         self.rot_of_index = cat(rot, torch.long)  # (2k,) rotation id of every gather position
         self.sign_of_index = cat(sign, torch.float64)  # (2k,) -1 on the I half, +1 on the J half
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # int32 columns in product order for the compiled kernel (it walks them in either direction).
+        p32 = self.pairs.to(torch.int32)
+        self.seq = (p32[:, 0].contiguous(), p32[:, 1].contiguous())
 
     def __repr__(self) -> str:
         return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations}, depth={self.depth})"
@@ -386,19 +428,91 @@ def _walk_backward(
     return state[1], gt
 
 
+def _tile_width(n_rows: int, d: int, itemsize: int, buffers: int) -> int:
+    """Batch columns per tile of the compiled kernel.
+
+    Small batches use the next power of two >= the batch (no wasted lanes). Otherwise 128, 64 or 32 columns:
+    the widest whose ``buffers`` tiles of ``d x T`` stay within ``KAMA_TILE_BYTES`` (default 512 KiB, half
+    this machine's L2). Narrower tiles than 32 leave too little SIMD work per rotation (measured: 16 columns
+    run at a quarter of the speed of 32-128 on this EPYC).
+    """
+    budget = int(os.environ.get("KAMA_TILE_BYTES", 512 * 1024))
+    if n_rows < 32:
+        t = 1
+        while t < n_rows:
+            t *= 2
+        return t
+    for t in (128, 64):
+        if buffers * d * t * itemsize <= budget:
+            return t
+    return 32
+
+
+def _kernel_threads(n_rows: int, k: int) -> int:
+    """Threads for the compiled kernel: torch's intra-op setting, one per ~4 MFLOP of work at least."""
+    work = 6.0 * k * n_rows
+    return max(1, min(torch.get_num_threads(), int(work // 4e6) or 1))
+
+
+def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
+    ii, jj = plan.seq
+    a = angles.detach().to(cdtype)
+    c, s = torch.cos(a), torch.sin(a)
+    return ii, jj, c, s
+
+
+def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool) -> torch.Tensor:
+    cdtype = _compute_dtype(x.dtype)
+    xc = x.to(cdtype).contiguous()
+    y = torch.empty_like(xc)
+    ii, jj, c, s = _c_sequence(plan, angles, cdtype)
+    n, d = xc.shape
+    k = plan.num_rotations
+    _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, ii.data_ptr(), jj.data_ptr(), c.data_ptr(), s.data_ptr(),
+                     k, _tile_width(n, d, xc.element_size(), 1), _kernel_threads(n, k), int(cdtype == torch.float64),
+                     int(transpose))
+    return y.to(x.dtype)
+
+
+def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool):
+    cdtype = _compute_dtype(y.dtype)
+    yc = y.to(cdtype).contiguous()
+    gc = gy.to(cdtype).contiguous()
+    gx = torch.empty_like(yc)
+    ii, jj, c, s = _c_sequence(plan, angles, cdtype)
+    n, d = yc.shape
+    k = plan.num_rotations
+    threads = _kernel_threads(n, k)
+    gacc = torch.zeros(threads, k, dtype=torch.float64)
+    _cgivens.backward(yc.data_ptr(), gc.data_ptr(), gx.data_ptr(), gacc.data_ptr(), n, d, ii.data_ptr(),
+                      jj.data_ptr(), c.data_ptr(), s.data_ptr(), k, _tile_width(n, d, yc.element_size(), 2), threads,
+                      int(cdtype == torch.float64), int(transpose))
+    g_applied = gacc.sum(0) if threads > 1 else gacc[0]
+    g_angles = -g_applied if transpose else g_applied
+    return gx.to(y.dtype), g_angles.to(angles.dtype)
+
+
 class _GivensFunction(torch.autograd.Function):
-    """``y = x @ M^T`` (or ``x @ M``) on a 2-D batch; saves only ``y`` and the angles."""
+    """``y = x @ M^T`` (or ``x @ M``) on a 2-D batch; saves only ``y`` and the angles.
+
+    ``kernel`` is ``"torch"`` (the layered walk) or ``"c"`` (the compiled kernel); the recorded (double)
+    backward always uses the layered walk with out-of-place operations."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool):  # type: ignore[override]
-        cdtype = _compute_dtype(x.dtype)
-        c, s = _coefficients(plan, angles, cdtype, transpose)
-        state = x.t().to(cdtype, copy=True).contiguous()  # (d, N), feature-major
-        state = _walk_forward(state, plan, c, s, transpose, inplace=True)
-        y = state.t().to(x.dtype).contiguous()
+    def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,  # type: ignore[override]
+                kernel: str = "torch"):
+        if kernel == "c":
+            y = _c_forward(x, angles, plan, transpose)
+        else:
+            cdtype = _compute_dtype(x.dtype)
+            c, s = _coefficients(plan, angles, cdtype, transpose)
+            state = x.t().to(cdtype, copy=True).contiguous()  # (d, N), feature-major
+            state = _walk_forward(state, plan, c, s, transpose, inplace=True)
+            y = state.t().to(x.dtype).contiguous()
         ctx.save_for_backward(y, angles)
         ctx.plan = plan
         ctx.transpose = transpose
+        ctx.kernel = kernel
         return y
 
     @staticmethod
@@ -408,6 +522,10 @@ class _GivensFunction(torch.autograd.Function):
         transpose: bool = ctx.transpose
         cdtype = _compute_dtype(y.dtype)
         differentiable = torch.is_grad_enabled()  # create_graph=True: record the backward itself
+        if ctx.kernel == "c" and not differentiable:
+            gx, gangles = _c_backward(y, gy, angles, plan, transpose)
+            return (gx if ctx.needs_input_grad[0] else None, gangles if ctx.needs_input_grad[1] else None,
+                    None, None, None)
         c, s = _coefficients(plan, angles, cdtype, transpose)
         v = y.t().to(cdtype).contiguous()
         g = gy.t().to(cdtype).contiguous()
@@ -423,43 +541,77 @@ class _GivensFunction(torch.autograd.Function):
             if transpose:
                 gangles = -gangles
             gangles = gangles.to(angles.dtype)
-        return gx, gangles, None, None
+        return gx, gangles, None, None, None
 
 
 def _apply_reference(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
-    return _GivensFunction.apply(x2, angles, plan, transpose)
+    return _GivensFunction.apply(x2, angles, plan, transpose, "torch")
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the compiled CPU kernel ``kama._cgivens`` loaded."""
+    return _cgivens is not None
+
+
+def _warn_no_kernel() -> None:
+    global _WARNED_NO_KERNEL
+    if not _WARNED_NO_KERNEL:
+        _WARNED_NO_KERNEL = True
+        warnings.warn(
+            f"kama: the compiled CPU kernel could not be loaded ({_CGIVENS_ERROR}); using the slower "
+            "pure-PyTorch path. Reinstall with a C compiler available (pip install -e .) to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _apply_cpu(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
+    if x2.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got x on {x2.device}")
+    if _cgivens is None:
+        _warn_no_kernel()
+        return _apply_reference(x2, plan, angles, transpose)
+    return _GivensFunction.apply(x2, angles, plan, transpose, "c")
 
 
 def _apply_dense(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
     eye = torch.eye(plan.d, dtype=x2.dtype, device=x2.device)
-    mt = _GivensFunction.apply(eye, angles, plan, transpose)  # = M^T (or M when transposed)
+    fast = eye.device.type == "cpu" and _cgivens is not None
+    mt = _GivensFunction.apply(eye, angles, plan, transpose, "c" if fast else "torch")  # M^T (or M)
     if x2.dtype in (torch.float16, torch.bfloat16) and x2.device.type == "cpu":
         return (x2.float() @ mt.float()).to(x2.dtype)
     return x2 @ mt
 
 
-# Cost model for backend="auto" (constants measured on a 2-core EPYC, torch 2.13 CPU, 1 thread; see
-# BENCHMARKS.md). The layered walk costs a fixed dispatch cost per layer plus 6 k N / WALK_FLOPS; the dense
-# path pays the same walk on the d x d identity (the per-layer cost cancels) plus a GEMM of 2 N d^2 flops.
-WALK_FLOPS = 2.0e9
+# Cost model for backend="auto" (throughputs measured on a 2-core EPYC, torch 2.13 CPU, 1 thread, fp32; see
+# BENCHMARKS.md). A walk over N vectors costs 6 k N flops at WALK_FLOPS[backend]; the dense path pays the walk
+# on the d x d identity plus a GEMM of 2 N d^2 flops at GEMM_FLOPS. Fixed per-call costs are about equal.
+WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9}
 GEMM_FLOPS = 60e9
 
 
-def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, requires_grad: bool = False) -> str:
-    """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d``.
+def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.device | str = "cpu") -> str:
+    """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d`` on ``device``.
 
-    Dense wins when the batch is much larger than ``d`` (the identity costs ``d`` "rows" once, then every row
-    costs only ``2 d^2`` GEMM flops instead of ``6 k`` rotation flops): we pick it when
-    ``6 k n_rows / WALK_FLOPS > 6 k d / WALK_FLOPS + 2 n_rows d^2 / GEMM_FLOPS`` (backward roughly doubles
-    both sides, so ``requires_grad`` does not change the decision).
+    The walk backend is ``"cpu"`` (the compiled kernel) for CPU tensors when it is available, else
+    ``"reference"``. ``"dense"`` replaces it when the batch is much larger than ``d`` and ``d`` is small (RL
+    policies): when ``6 k n_rows / W > 6 k d / W + 2 n_rows d^2 / GEMM_FLOPS`` with ``W = WALK_FLOPS[walk]``.
+    Forward and backward scale alike, so gradients do not change the decision.
+
+    Example:
+        >>> plan = GivensPlan(random_pairs(64, 1331, generator=torch.Generator().manual_seed(0)), 64)
+        >>> choose_backend(4096, 64, plan), choose_backend(64, 64, plan) in ("cpu", "reference")
+        ('dense', True)
     """
+    walk_backend = "cpu" if torch.device(device).type == "cpu" and _cgivens is not None else "reference"
+    w = WALK_FLOPS[walk_backend]
     k = plan.num_rotations
-    walk = 6.0 * k * n_rows / WALK_FLOPS
-    dense = 6.0 * k * d / WALK_FLOPS + 2.0 * n_rows * d * d / GEMM_FLOPS
-    return "dense" if dense < walk else "reference"
+    walk = 6.0 * k * n_rows / w
+    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / GEMM_FLOPS
+    return "dense" if dense < walk else walk_backend
 
 
-_IMPLS = {"reference": _apply_reference, "dense": _apply_dense}
+_IMPLS = {"reference": _apply_reference, "cpu": _apply_cpu, "dense": _apply_dense}
 
 
 def givens_apply(
@@ -517,7 +669,7 @@ def givens_apply(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     if backend == "auto":
-        backend = choose_backend(x2.shape[0], d, plan, requires_grad=x.requires_grad or angles.requires_grad)
+        backend = choose_backend(x2.shape[0], d, plan, device=x.device)
     y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
     return y2.reshape(*lead, d)
 

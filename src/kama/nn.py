@@ -197,6 +197,10 @@ class KamaLinear(nn.Module):
             if self.training and torch.is_grad_enabled() and self.num_rotations > 0:
                 record = self._train_steps % self.plane_update_every == 0
                 self._train_steps += 1
+        if not (torch.is_grad_enabled() and (self.angles.requires_grad or self.scale.requires_grad)):
+            n_rows = x.numel() // self.in_features
+            if self._dense_wins(n_rows):
+                return F.linear(x, self._cached_dense(), self.bias)
         xp = self._pad_input(x)
         y = givens_apply(xp, self.pairs, self.angles)
         if record and y.requires_grad:
@@ -205,6 +209,35 @@ class KamaLinear(nn.Module):
         return self._finish_output(y)
 
     # ------------------------------------------------------------------------------------------------------
+    # Inference cache: without gradients, a materialized W is reused while pairs, angles and scale keep their
+    # values. Validity is checked by value (O(k) per call), not by tensor versions: writes through ``.data``
+    # (TRPO's line search does this) do not bump versions.
+    def _dense_wins(self, n_rows: int) -> bool:
+        from .givens import GEMM_FLOPS, WALK_FLOPS, cpu_kernel_available
+
+        walk = WALK_FLOPS["cpu" if self.angles.device.type == "cpu" and cpu_kernel_available() else "reference"]
+        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS
+        walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
+        return dense_s < walk_s
+
+    def _cached_dense(self) -> torch.Tensor:
+        key = (self.pairs, self.angles, self.scale)
+        cache = self.__dict__.get("_dense_cache")
+        if cache is not None:
+            old_key, w = cache
+            if all(a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                   for a, b in zip(old_key, key, strict=True)):
+                return w
+        with torch.no_grad():
+            w = self.to_dense()
+        self.__dict__["_dense_cache"] = (tuple(t.detach().clone() for t in key), w)
+        return w
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_dense_cache", None)
+        return state
+
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight ``W`` (differentiable), ``layer(x) == x @ W.T + b``."""
         m = givens_matrix(self.pairs, self.angles, self.n)

@@ -1,0 +1,374 @@
+/*
+ * Compiled CPU kernels for products of Givens rotations (kama-nn).
+ *
+ * The batch x (N, d), row-major, is cut into tiles of T consecutive rows. Each tile is transposed into a
+ * feature-major buffer (d x T, the T batch columns of one feature contiguous), then the rotations run in
+ * sequence over the buffer: rotation r mixes feature rows i_r and j_r, T lanes at a time (SIMD across the
+ * batch). Tiles are independent: threads take contiguous ranges of tiles.
+ *
+ * Rotations arrive in product order (G_1 ... G_k) with c_r = cos t_r, s_r = sin t_r; M x applies them from
+ * r = k-1 down to 0, M^T x from r = 0 up with s negated. Each applied rotation is
+ *     v_i <- c v_i - s v_j,     v_j <- s v_i + c v_j.
+ * Backward walks them in reverse from the saved output: the angle gradient sum_b (g_j v_i - g_i v_j) is
+ * accumulated (in double) per thread, then the inverse rotation recovers the input and rotates the gradient.
+ *
+ * No torch headers: the Python side passes raw data pointers of contiguous tensors. Every index is checked
+ * against d before any data is touched (error code, never an out-of-bounds access).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KAMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KAMA_CLONES
+#endif
+
+typedef struct {
+    const void *x;        /* (N, d) input, row-major */
+    void *y;              /* (N, d) output */
+    const void *gy;       /* backward: (N, d) gradient of the output */
+    void *gx;             /* backward: (N, d) gradient of the input */
+    double *gacc;         /* backward: (nthreads, k) angle-gradient accumulators */
+    const int32_t *ii, *jj;
+    const void *c, *s;    /* (k,) cos and sin of the angles, in product order */
+    int64_t n, d, k;
+    int reverse;          /* 1: apply r = k-1 .. 0 (M x); 0: r = 0 .. k-1 (M^T x) */
+    double sgn;           /* sign applied to s (-1 for the transpose) */
+    int64_t tile;         /* T */
+    int64_t t_begin, t_end; /* tile range of this worker */
+    int thread_id;
+    int status;
+} job_t;
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Tile buffers: reused across calls. A fresh multi-100-KiB buffer per call is served by mmap and costs a */
+/* page fault per 4 KiB on first touch, taken under the address-space lock: threads then stop scaling.    */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define POOL_MAX 128
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *pool_buf[POOL_MAX];
+static size_t pool_len[POOL_MAX];
+static int pool_n = 0;
+
+static void *buf_get(size_t bytes) {
+    void *p = NULL;
+    pthread_mutex_lock(&pool_lock);
+    for (int i = pool_n - 1; i >= 0; --i) {
+        if (pool_len[i] >= bytes) {
+            p = pool_buf[i];
+            pool_buf[i] = pool_buf[pool_n - 1];
+            pool_len[i] = pool_len[pool_n - 1];
+            --pool_n;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&pool_lock);
+    if (!p) p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    return p;
+}
+
+static void buf_put(void *p, size_t bytes) {
+    if (!p) return;
+    pthread_mutex_lock(&pool_lock);
+    if (pool_n < POOL_MAX) {
+        pool_buf[pool_n] = p;
+        pool_len[pool_n] = (bytes + 63) / 64 * 64;
+        ++pool_n;
+        p = NULL;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    free(p);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Tile transposes                                                                                      */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define DEFINE_IO(TYPE, SUFFIX)                                                                              \
+    static void load_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,         \
+                              int64_t d, int64_t T) {                                                       \
+        for (int64_t t = 0; t < rows; ++t) {                                                                \
+            const TYPE *src = x + (n0 + t) * d;                                                             \
+            for (int64_t f = 0; f < d; ++f) buf[f * T + t] = src[f];                                        \
+        }                                                                                                   \
+        if (rows < T)                                                                                       \
+            for (int64_t f = 0; f < d; ++f)                                                                 \
+                for (int64_t t = rows; t < T; ++t) buf[f * T + t] = 0;                                      \
+    }                                                                                                       \
+    static void store_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,        \
+                               int64_t d, int64_t T) {                                                      \
+        for (int64_t t = 0; t < rows; ++t) {                                                                \
+            TYPE *dst = y + (n0 + t) * d;                                                                   \
+            for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t];                                        \
+        }                                                                                                   \
+    }
+
+DEFINE_IO(float, f32)
+DEFINE_IO(double, f64)
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* The rotation loops, specialised for a compile-time tile width                                         */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define DEFINE_KERNELS(TYPE, SUFFIX, T)                                                                      \
+    KAMA_CLONES static void fwd_##SUFFIX##_##T(TYPE *restrict buf, const int32_t *restrict ii,              \
+                                               const int32_t *restrict jj, const TYPE *restrict cc,         \
+                                               const TYPE *restrict ss, int64_t k, int reverse, TYPE sgn) { \
+        for (int64_t q = 0; q < k; ++q) {                                                                   \
+            const int64_t r = reverse ? k - 1 - q : q;                                                      \
+            TYPE *restrict a = buf + (int64_t)ii[r] * T;                                                    \
+            TYPE *restrict b = buf + (int64_t)jj[r] * T;                                                    \
+            const TYPE c = cc[r], s = sgn * ss[r];                                                          \
+            for (int t = 0; t < T; ++t) {                                                                   \
+                const TYPE va = a[t], vb = b[t];                                                            \
+                a[t] = c * va - s * vb;                                                                     \
+                b[t] = s * va + c * vb;                                                                     \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    KAMA_CLONES static void bwd_##SUFFIX##_##T(TYPE *restrict vb_, TYPE *restrict gb_,                      \
+                                               const int32_t *restrict ii, const int32_t *restrict jj,      \
+                                               const TYPE *restrict cc, const TYPE *restrict ss, int64_t k, \
+                                               int reverse, TYPE sgn, double *restrict gacc) {              \
+        for (int64_t q = k - 1; q >= 0; --q) {                                                              \
+            const int64_t r = reverse ? k - 1 - q : q;                                                      \
+            TYPE *restrict va = vb_ + (int64_t)ii[r] * T;                                                   \
+            TYPE *restrict vb = vb_ + (int64_t)jj[r] * T;                                                   \
+            TYPE *restrict ga = gb_ + (int64_t)ii[r] * T;                                                   \
+            TYPE *restrict gb = gb_ + (int64_t)jj[r] * T;                                                   \
+            const TYPE c = cc[r], s = sgn * ss[r];                                                          \
+            TYPE acc = 0;                                                                                   \
+            for (int t = 0; t < T; ++t) {                                                                   \
+                const TYPE a1 = va[t], b1 = vb[t], a2 = ga[t], b2 = gb[t];                                  \
+                acc += b2 * a1 - a2 * b1;                                                                   \
+                va[t] = c * a1 + s * b1;                                                                    \
+                vb[t] = c * b1 - s * a1;                                                                    \
+                ga[t] = c * a2 + s * b2;                                                                    \
+                gb[t] = c * b2 - s * a2;                                                                    \
+            }                                                                                               \
+            gacc[r] += (double)acc;                                                                         \
+        }                                                                                                   \
+    }
+
+#define DEFINE_ALL_T(TYPE, SUFFIX)                                                                           \
+    DEFINE_KERNELS(TYPE, SUFFIX, 1)                                                                         \
+    DEFINE_KERNELS(TYPE, SUFFIX, 2)                                                                         \
+    DEFINE_KERNELS(TYPE, SUFFIX, 4)                                                                         \
+    DEFINE_KERNELS(TYPE, SUFFIX, 8)                                                                         \
+    DEFINE_KERNELS(TYPE, SUFFIX, 16)                                                                        \
+    DEFINE_KERNELS(TYPE, SUFFIX, 32)                                                                        \
+    DEFINE_KERNELS(TYPE, SUFFIX, 64)                                                                        \
+    DEFINE_KERNELS(TYPE, SUFFIX, 128)
+
+DEFINE_ALL_T(float, f32)
+DEFINE_ALL_T(double, f64)
+
+#define VALID_TILE(T) ((T) == 1 || (T) == 2 || (T) == 4 || (T) == 8 || (T) == 16 || (T) == 32 || (T) == 64 || (T) == 128)
+
+#define DISPATCH_T(PREFIX, SUFFIX, T, ...)                                                                   \
+    switch (T) {                                                                                            \
+        case 1: PREFIX##_##SUFFIX##_1(__VA_ARGS__); break;                                                  \
+        case 2: PREFIX##_##SUFFIX##_2(__VA_ARGS__); break;                                                  \
+        case 4: PREFIX##_##SUFFIX##_4(__VA_ARGS__); break;                                                  \
+        case 8: PREFIX##_##SUFFIX##_8(__VA_ARGS__); break;                                                  \
+        case 16: PREFIX##_##SUFFIX##_16(__VA_ARGS__); break;                                                \
+        case 32: PREFIX##_##SUFFIX##_32(__VA_ARGS__); break;                                                \
+        case 64: PREFIX##_##SUFFIX##_64(__VA_ARGS__); break;                                                \
+        default: PREFIX##_##SUFFIX##_128(__VA_ARGS__); break;                                               \
+    }
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Workers                                                                                              */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define DEFINE_WORKERS(TYPE, SUFFIX)                                                                         \
+    static void *fwd_worker_##SUFFIX(void *arg) {                                                           \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d;                                                                \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *buf = (TYPE *)buf_get(bytes);                                                                 \
+        if (!buf) { j->status = -1; return NULL; }                                                          \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
+            DISPATCH_T(fwd, SUFFIX, T, buf, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k,     \
+                       j->reverse, (TYPE)j->sgn)                                                            \
+            store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T);                                              \
+        }                                                                                                   \
+        buf_put(buf, bytes);                                                                                \
+        return NULL;                                                                                        \
+    }                                                                                                       \
+    static void *bwd_worker_##SUFFIX(void *arg) {                                                           \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d;                                                                \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *vb = (TYPE *)buf_get(bytes);                                                                  \
+        TYPE *gb = (TYPE *)buf_get(bytes);                                                                  \
+        if (!vb || !gb) { buf_put(vb, bytes); buf_put(gb, bytes); j->status = -1; return NULL; }            \
+        double *acc = j->gacc + (int64_t)j->thread_id * j->k;                                              \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            load_##SUFFIX(vb, (const TYPE *)j->y, n0, rows, d, T);                                          \
+            load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
+            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k,  \
+                       j->reverse, (TYPE)j->sgn, acc)                                                       \
+            store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T);                                              \
+        }                                                                                                   \
+        buf_put(vb, bytes);                                                                                 \
+        buf_put(gb, bytes);                                                                                 \
+        return NULL;                                                                                        \
+    }
+
+DEFINE_WORKERS(float, f32)
+DEFINE_WORKERS(double, f64)
+
+/* Threads: torch's own OpenMP team when the Python side hands us its GOMP_parallel (no second pool whose  */
+/* threads would compete with torch's spinning OpenMP workers for the same cores), else pthreads.          */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static gomp_parallel_fn gomp_parallel = NULL;
+static omp_int_fn omp_thread_num = NULL, omp_num_threads = NULL;
+
+typedef struct {
+    void *(*worker)(void *);
+    job_t *jobs;
+    int njobs;
+} omp_ctx_t;
+
+static void omp_trampoline(void *arg) {
+    omp_ctx_t *ctx = (omp_ctx_t *)arg;
+    const int tid = omp_thread_num(), nthr = omp_num_threads();
+    for (int j = tid; j < ctx->njobs; j += nthr) ctx->worker(&ctx->jobs[j]); /* the team may be smaller */
+}
+
+static int run_jobs(void *(*worker)(void *), job_t *proto, int nthreads) {
+    const int64_t tiles = (proto->n + proto->tile - 1) / proto->tile;
+    if (nthreads > tiles) nthreads = (int)tiles;
+    if (nthreads < 1) nthreads = 1;
+    job_t jobs[64];
+    pthread_t th[64];
+    int started[64];
+    if (nthreads > 64) nthreads = 64;
+    for (int t = 0; t < nthreads; ++t) {
+        jobs[t] = *proto;
+        jobs[t].thread_id = t;
+        jobs[t].t_begin = tiles * t / nthreads;
+        jobs[t].t_end = tiles * (t + 1) / nthreads;
+        jobs[t].status = 0;
+        started[t] = 0;
+    }
+    if (nthreads > 1 && gomp_parallel) {
+        omp_ctx_t ctx = {worker, jobs, nthreads};
+        gomp_parallel(omp_trampoline, &ctx, (unsigned)nthreads, 0);
+    } else {
+        for (int t = 1; t < nthreads; ++t) started[t] = pthread_create(&th[t], NULL, worker, &jobs[t]) == 0;
+        worker(&jobs[0]);
+        for (int t = 1; t < nthreads; ++t) {
+            if (started[t]) pthread_join(th[t], NULL);
+            else worker(&jobs[t]); /* could not start a thread: do its share here */
+        }
+    }
+    for (int t = 0; t < nthreads; ++t)
+        if (jobs[t].status) return jobs[t].status;
+    return 0;
+}
+
+static int check_pairs(const int32_t *ii, const int32_t *jj, int64_t k, int64_t d) {
+    for (int64_t r = 0; r < k; ++r)
+        if (ii[r] < 0 || ii[r] >= d || jj[r] < 0 || jj[r] >= d || ii[r] == jj[r]) return 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Python bindings: forward(x, y, n, d, ii, jj, c, s, k, tile, nthreads, is_double, transpose)          */
+/*                  backward(y, gy, gx, gacc, n, d, ii, jj, c, s, k, tile, nthreads, is_double, transpose)*/
+/* gacc (nthreads, k) receives d L / d(applied angle) in product order; the caller negates it for the     */
+/* transpose.                                                                                            */
+/* ---------------------------------------------------------------------------------------------------- */
+
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, y, ii, jj, c, s;
+    long long n, d, k, tile;
+    int nthreads, is_double, transpose;
+    if (!PyArg_ParseTuple(args, "KKLLKKKKLLiii", &x, &y, &n, &d, &ii, &jj, &c, &s, &k, &tile, &nthreads,
+                          &is_double, &transpose))
+        return NULL;
+    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
+        return NULL;
+    }
+    if (check_pairs((const int32_t *)ii, (const int32_t *)jj, k, d)) {
+        PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
+        return NULL;
+    }
+    if (n == 0) Py_RETURN_NONE;
+    job_t proto = {(const void *)x, (void *)y, NULL, NULL, NULL, (const int32_t *)ii, (const int32_t *)jj,
+                   (const void *)c, (const void *)s, n, d, k, !transpose, transpose ? -1.0 : 1.0,
+                   tile, 0, 0, 0, 0};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    unsigned long long y, gy, gx, gacc, ii, jj, c, s;
+    long long n, d, k, tile;
+    int nthreads, is_double, transpose;
+    if (!PyArg_ParseTuple(args, "KKKKLLKKKKLLiii", &y, &gy, &gx, &gacc, &n, &d, &ii, &jj, &c, &s, &k, &tile,
+                          &nthreads, &is_double, &transpose))
+        return NULL;
+    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
+        return NULL;
+    }
+    if (check_pairs((const int32_t *)ii, (const int32_t *)jj, k, d)) {
+        PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
+        return NULL;
+    }
+    if (n == 0) Py_RETURN_NONE;
+    job_t proto = {(const void *)y, NULL, (const void *)gy, (void *)gx, (double *)gacc, (const int32_t *)ii,
+                   (const int32_t *)jj, (const void *)c, (const void *)s, n, d, k, !transpose,
+                   transpose ? -1.0 : 1.0, tile, 0, 0, 0, 0};
+    proto.y = (void *)y; /* the worker reads the saved output through j->y */
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_jobs(is_double ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
+    unsigned long long par, num, tot;
+    if (!PyArg_ParseTuple(args, "KKK", &par, &num, &tot)) return NULL;
+    if (par && num && tot) {
+        gomp_parallel = (gomp_parallel_fn)(uintptr_t)par;
+        omp_thread_num = (omp_int_fn)(uintptr_t)num;
+        omp_num_threads = (omp_int_fn)(uintptr_t)tot;
+    } else {
+        gomp_parallel = NULL;
+        omp_thread_num = omp_num_threads = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_openmp", py_set_openmp, METH_VARARGS,
+     "Use GOMP_parallel, omp_get_thread_num, omp_get_num_threads at these addresses (0, 0, 0: pthreads)."},
+    {"forward", py_forward, METH_VARARGS, "Apply rotations in application order to a row-major batch."},
+    {"backward", py_backward, METH_VARARGS, "Backward from the saved output (see _cgivens.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
+
+PyMODINIT_FUNC PyInit__cgivens(void) { return PyModule_Create(&module); }

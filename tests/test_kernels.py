@@ -1,0 +1,132 @@
+"""The compiled CPU kernel: agreement with the reference walk across tile widths and threads, its fallback,
+and its own argument checks (the kernel never sees unchecked indices)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kama
+from kama import givens
+
+needs_kernel = pytest.mark.skipif(not givens.cpu_kernel_available(), reason="compiled kernel not built")
+
+
+def _problem(d=37, k=400, n=300, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = kama.random_pairs(d, k, generator=g)
+    angles = kama.random_angles(k, generator=g, dtype=dtype)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    return pairs, angles, x
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 17, 31, 32, 33, 100, 257])
+@pytest.mark.parametrize("budget", ["4096", "524288"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_every_tile_width_matches_reference(monkeypatch, n, budget, transpose):
+    monkeypatch.setenv("KAMA_TILE_BYTES", budget)
+    pairs, angles, x = _problem(n=n, dtype=torch.float64)
+    a1 = angles.clone().requires_grad_(True)
+    a2 = angles.clone().requires_grad_(True)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y1 = kama.givens_apply(x1, pairs, a1, backend="cpu", transpose=transpose)
+    y2 = kama.givens_apply(x2, pairs, a2, backend="reference", transpose=transpose)
+    torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-12)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(a1.grad, a2.grad, atol=1e-10, rtol=1e-10)
+
+
+@needs_kernel
+def test_threads_and_thread_pools_agree():
+    pairs, angles, x = _problem(d=64, k=2000, n=1000)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for threads, openmp in ((1, True), (2, True), (2, False)):
+            torch.set_num_threads(threads)
+            if not openmp:
+                givens._cgivens.set_openmp(0, 0, 0)
+            a = angles.clone().requires_grad_(True)
+            y = kama.givens_apply(x, pairs, a, backend="cpu")
+            y.pow(2).sum().backward()
+            outs.append((y.detach(), a.grad))
+            givens._use_torch_openmp()
+    finally:
+        torch.set_num_threads(old)
+        givens._use_torch_openmp()
+    for y, g in outs[1:]:
+        assert torch.equal(y, outs[0][0])  # tiles are independent: bit-identical outputs
+        torch.testing.assert_close(g, outs[0][1], rtol=1e-5, atol=1e-3)  # reduction order differs
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_through_the_kernel(dtype):
+    pairs, angles, x = _problem()
+    y = kama.givens_apply(x.to(dtype), pairs, angles.to(dtype), backend="cpu")
+    ref = kama.givens_apply(x.to(dtype).float(), pairs, angles.to(dtype).float(), backend="reference")
+    assert y.dtype == dtype
+    assert (y.float() - ref).abs().max() <= 2 * torch.finfo(dtype).eps * ref.abs().max()
+
+
+@needs_kernel
+def test_kernel_rejects_bad_indices_and_sizes_itself():
+    x = torch.randn(4, 3)
+    y = torch.empty_like(x)
+    c = torch.ones(1)
+    s = torch.zeros(1)
+    for ii, jj in ((torch.tensor([0], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)),
+                   (torch.tensor([-1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)),
+                   (torch.tensor([1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))):
+        with pytest.raises(ValueError, match="pairs must lie in"):
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ii.data_ptr(), jj.data_ptr(), c.data_ptr(),
+                                    s.data_ptr(), 1, 4, 1, 0, 0)
+        g = torch.zeros(1, 1, dtype=torch.float64)
+        with pytest.raises(ValueError, match="pairs must lie in"):
+            givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, ii.data_ptr(),
+                                     jj.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 4, 1, 0, 0)
+    ok = torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="invalid sizes"):
+        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ok.data_ptr(), ok.data_ptr(), c.data_ptr(),
+                                s.data_ptr(), 1, 3, 1, 0, 0)
+    with pytest.raises(ValueError, match="invalid sizes"):
+        givens._cgivens.backward(x.data_ptr(), x.data_ptr(), y.data_ptr(), y.data_ptr(), -1, 3, ok.data_ptr(),
+                                 ok.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 4, 1, 0, 0)
+
+
+def test_cpu_backend_needs_cpu_tensors():
+    pairs, angles, x = _problem()
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        kama.givens_apply(x.to("meta"), pairs, angles.to("meta"), backend="cpu")
+
+
+def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
+    pairs, angles, x = _problem()
+    expected = kama.givens_apply(x, pairs, angles, backend="reference")
+    monkeypatch.setattr(givens, "_cgivens", None)
+    monkeypatch.setattr(givens, "_CGIVENS_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(givens, "_WARNED_NO_KERNEL", False)
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernel could not be loaded"):
+        y = kama.givens_apply(x, pairs, angles, backend="cpu")
+    torch.testing.assert_close(y, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kama.givens_apply(x, pairs, angles, backend="cpu")  # warned once only
+        assert givens.choose_backend(10, 37, givens.as_plan(pairs, 37)) == "reference"
+    assert not givens.cpu_kernel_available()
+
+
+def test_tile_width_rule(monkeypatch):
+    monkeypatch.delenv("KAMA_TILE_BYTES", raising=False)
+    assert givens._tile_width(1, 1024, 4, 1) == 1
+    assert givens._tile_width(5, 1024, 4, 1) == 8
+    assert givens._tile_width(300, 1024, 4, 1) == 128
+    assert givens._tile_width(300, 1024, 4, 2) == 64
+    assert givens._tile_width(300, 4096, 8, 2) == 32
