@@ -1,24 +1,32 @@
-"""Speed of ``givens_apply`` against a dense ``nn.Linear`` of the same size, measured in the same run.
+"""Speed and memory of ``givens_apply`` against a dense ``nn.Linear`` of the same size, in the same run.
 
 Usage::
 
-    python benchmarks/bench_givens.py [--dims 64 256 1024] [--batches 1 64 256 1024] [--threads 1]
+    python benchmarks/bench_givens.py [--dims 64 256 1024 4096] [--batches 1 64 256 1024]
+                                      [--backends cpu reference dense] [--threads 1 2]
                                       [--repeats 7] [--write BENCHMARKS.md]
 
-For every ``d`` and batch ``B``: ``k = ceil(5 d ln d)`` i.i.d. random pairs; the median over ``--repeats`` of
-the forward time and of forward + backward (gradients w.r.t. input and angles; for ``nn.Linear`` w.r.t. input,
-weight and bias) for each backend, the ratio ``nn.Linear time / backend time`` (> 1: the backend is faster),
-and the effective GFLOP/s counting 6 flops per rotation per vector. Also the RL-size ``KamaLinear``
-(64 x 64, k = 200, batch 64) against ``nn.Linear(64, 64)``.
+For every thread count, ``d`` and batch ``B``: ``k = ceil(5 d ln d)`` i.i.d. random pairs; the median over
+``--repeats`` of the forward time and of forward + backward (gradients w.r.t. input and angles; for
+``nn.Linear`` w.r.t. input, weight and bias) for each backend, the ratio ``nn.Linear time / backend time``
+(> 1: the backend is faster), and the effective GFLOP/s counting 6 flops per rotation per vector. A plain
+Python loop over single rotations (``python-loop``) is timed on a 300-rotation prefix and scaled to ``k``.
+Also the RL-size ``KamaLinear`` (64 x 64, k = 200, batch 64) against ``nn.Linear(64, 64)``, and the peak
+extra memory of the backward (fresh subprocess with glibc mapping every allocation >= 64 KiB on its own:
+peak RSS during ``backward()`` minus the RSS just before it, via ``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +68,12 @@ def bench_case(d: int, batch: int, backends: list[str], repeats: int) -> list[di
     t_lin_f = median_time(lin_fwd, repeats)
     t_lin_fb = median_time(lin_fb, repeats)
     for be in backends:
+        if be == "python-loop":
+            rows.append(python_loop_row(d, k, batch, plan, angles, x, t_lin_f, t_lin_fb, repeats))
+            continue
+        if be == "reference" and d * batch > 1024 * 256 and d >= 4096:
+            continue  # minutes per case; the ratio is already clear at smaller sizes
+
         def fwd(be=be):
             with torch.no_grad():
                 kama.givens_apply(x, plan, angles, backend=be)
@@ -76,6 +90,74 @@ def bench_case(d: int, batch: int, backends: list[str], repeats: int) -> list[di
     return rows
 
 
+def python_loop_row(d, k, batch, plan, angles, x, t_lin_f, t_lin_fb, repeats) -> dict:
+    """A Python loop applying one rotation at a time (autograd-tracked), timed on a prefix and scaled."""
+    prefix = min(k, 300)
+    pairs = plan.pairs[-prefix:].tolist()
+    a = angles[-prefix:]
+
+    def run():
+        cols = list(x.unbind(1))
+        for r in range(prefix - 1, -1, -1):
+            i, j = pairs[r]
+            c, s = torch.cos(a[r]), torch.sin(a[r])
+            cols[i], cols[j] = c * cols[i] - s * cols[j], s * cols[i] + c * cols[j]
+        return torch.stack(cols, 1)
+
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    t_f = median_time(fwd, max(3, repeats // 2)) * k / prefix
+    t_fb = median_time(lambda: run().sum().backward(), max(3, repeats // 2)) * k / prefix
+    return {"d": d, "k": k, "depth": plan.depth, "batch": batch, "backend": "python-loop",
+            "fwd_ms": 1e3 * t_f, "linear_fwd_ms": 1e3 * t_lin_f, "fwd_speedup": t_lin_f / t_f,
+            "fb_ms": 1e3 * t_fb, "linear_fb_ms": 1e3 * t_lin_fb, "fb_speedup": t_lin_fb / t_fb,
+            "gflops": 6 * k * batch / t_f / 1e9}
+
+
+MEMORY_PROBE = """
+import json, math, sys, torch, kama
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+d, batch, k, backend = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
+angles = kama.random_angles(k, generator=g).requires_grad_(True)
+x = torch.randn(batch, d, generator=g, requires_grad=True)
+# Warm up code paths and the plan cache on one row, so that the big buffers below are fresh allocations.
+kama.givens_apply(x[:1].detach(), plan, angles, backend=backend).sum().backward()
+angles.grad = None
+y = kama.givens_apply(x, plan, angles, backend=backend)
+loss = y.sum()
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+loss.backward()
+after = status("VmHWM")
+print(json.dumps({"extra_bytes": after - before, "input_bytes": x.numel() * x.element_size()}))
+"""
+
+
+def bench_memory(d: int, batch: int, ks: list[int], backend: str) -> list[dict]:
+    rows = []
+    for k in ks:
+        # Every allocation >= 64 KiB is its own mapping, returned on free: RSS follows live memory exactly.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(d), str(batch), str(k), backend],
+                             capture_output=True, text=True, check=True, env=env)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"d": d, "batch": batch, "k": k, "backend": backend, **r,
+                     "ratio": r["extra_bytes"] / r["input_bytes"]})
+    return rows
+
+
 def bench_rl(repeats: int) -> dict:
     layer = kama.KamaLinear(64, 64, num_rotations=200, generator=torch.Generator().manual_seed(0))
     lin = torch.nn.Linear(64, 64)
@@ -87,47 +169,70 @@ def bench_rl(repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256, 1024])
-    ap.add_argument("--backends", nargs="+", default=["reference", "dense"])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backends", nargs="+", default=["cpu", "reference", "dense", "python-loop"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's bench_givens section")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     rows = []
-    for d in args.dims:
-        for b in args.batches:
-            rows += bench_case(d, b, args.backends, args.repeats)
-            r = rows[-len(args.backends):]
-            print(" | ".join(f"d={x['d']} B={x['batch']} {x['backend']}: fwd {x['fwd_ms']:.2f} ms "
-                             f"(x{x['fwd_speedup']:.2f} vs Linear), f+b {x['fb_ms']:.2f} ms "
-                             f"(x{x['fb_speedup']:.2f})" for x in r), flush=True)
-    rl = bench_rl(args.repeats)
-    print(f"RL-size KamaLinear(64, 64, k=200), batch 64, fwd+bwd: {rl['kama_fb_ms']:.3f} ms vs nn.Linear "
-          f"{rl['linear_fb_ms']:.3f} ms (KAMA / Linear = {rl['ratio']:.2f})")
+    rl = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for d in args.dims:
+            for b in args.batches:
+                new = bench_case(d, b, args.backends, args.repeats)
+                for x in new:
+                    x["threads"] = threads
+                    print(f"{threads}t d={x['d']} B={x['batch']} {x['backend']}: fwd {x['fwd_ms']:.3f} ms "
+                          f"(x{x['fwd_speedup']:.2f} vs Linear, {x['gflops']:.1f} GFLOP/s), f+b {x['fb_ms']:.3f} ms "
+                          f"(x{x['fb_speedup']:.2f})", flush=True)
+                rows += new
+        rl[threads] = bench_rl(args.repeats)
+        print(f"{threads}t RL-size KamaLinear(64, 64, k=200), batch 64, fwd+bwd: {rl[threads]['kama_fb_ms']:.3f} ms "
+              f"vs nn.Linear {rl[threads]['linear_fb_ms']:.3f} ms (KAMA / Linear = {rl[threads]['ratio']:.2f})")
+    mem = []
+    for backend in [b for b in ("cpu", "reference") if b in args.backends]:
+        d0 = 1024 if 1024 in args.dims else args.dims[-1]
+        k0 = math.ceil(5 * d0 * math.log(d0))
+        mem += bench_memory(d0, 1024, [k0 // 4, k0, 4 * k0], backend)
+    for m in mem:
+        print(f"memory {m['backend']} d={m['d']} B={m['batch']} k={m['k']}: backward extra "
+              f"{m['extra_bytes'] / 2**20:.1f} MiB = {m['ratio']:.2f} x input")
     cmd = "python benchmarks/bench_givens.py " + " ".join(
         [f"--dims {' '.join(map(str, args.dims))}", f"--batches {' '.join(map(str, args.batches))}",
-         f"--backends {' '.join(args.backends)}", f"--threads {args.threads}", f"--repeats {args.repeats}"])
+         f"--backends {' '.join(args.backends)}", f"--threads {' '.join(map(str, args.threads))}",
+         f"--repeats {args.repeats}"])
     lines = [
         MARK_BEGIN,
         f"Command: `{cmd}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
-        f"commit `{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+        f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {len(args.threads)} thread setting(s) "
+        f"{args.threads}, torch {torch.__version__}; commit `{git_commit()}`; {datetime.date.today().isoformat()}.  ",
         "Times are medians; *speed-up* = nn.Linear time / backend time in the same run (> 1 is faster than "
-        "dense). k = ceil(5 d ln d); GFLOP/s count 6 flops per rotation per vector (forward).",
+        "dense). k = ceil(5 d ln d); GFLOP/s count 6 flops per rotation per vector (forward). `python-loop` is "
+        "timed on a 300-rotation prefix and scaled to k.",
         "",
-        "| d | k | layers | batch | backend | fwd ms | Linear fwd ms | fwd speed-up | fwd+bwd ms | "
+        "| threads | d | k | layers | batch | backend | fwd ms | Linear fwd ms | fwd speed-up | fwd+bwd ms | "
         "Linear fwd+bwd ms | fwd+bwd speed-up | GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['d']} | {r['k']} | {r['depth']} | {r['batch']} | {r['backend']} | {r['fwd_ms']:.3f} | "
-                     f"{r['linear_fwd_ms']:.3f} | {r['fwd_speedup']:.3f} | {r['fb_ms']:.3f} | "
+        lines.append(f"| {r['threads']} | {r['d']} | {r['k']} | {r['depth']} | {r['batch']} | {r['backend']} | "
+                     f"{r['fwd_ms']:.3f} | {r['linear_fwd_ms']:.3f} | {r['fwd_speedup']:.3f} | {r['fb_ms']:.3f} | "
                      f"{r['linear_fb_ms']:.3f} | {r['fb_speedup']:.3f} | {r['gflops']:.2f} |")
-    lines += ["", f"RL size, `KamaLinear(64, 64, num_rotations=200)` at batch 64, forward + backward: "
-                  f"{rl['kama_fb_ms']:.3f} ms vs `nn.Linear(64, 64)` {rl['linear_fb_ms']:.3f} ms "
-                  f"(KAMA / Linear = {rl['ratio']:.2f}).", MARK_END]
+    lines += [""]
+    for threads, r in rl.items():
+        lines.append(f"RL size, {threads} thread(s), `KamaLinear(64, 64, num_rotations=200)` at batch 64, forward + "
+                     f"backward: {r['kama_fb_ms']:.3f} ms vs `nn.Linear(64, 64)` {r['linear_fb_ms']:.3f} ms "
+                     f"(KAMA / Linear = {r['ratio']:.2f}).  ")
+    lines += ["", "Peak extra memory of the backward (peak RSS during `backward()` minus RSS before it; fresh "
+              "process, 1 thread, glibc mmap threshold 64 KiB so RSS follows live memory):", "",
+              "| backend | d | batch | k | extra MiB | x input bytes |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {m['backend']} | {m['d']} | {m['batch']} | {m['k']} | {m['extra_bytes'] / 2**20:.2f} | "
+              f"{m['ratio']:.2f} |" for m in mem]
+    lines.append(MARK_END)
     if args.write:
         text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
         block = "\n".join(lines)
