@@ -24,10 +24,10 @@ def _problem(d=37, k=400, n=300, dtype=torch.float32, seed=0):
 
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 17, 31, 32, 33, 100, 257])
-@pytest.mark.parametrize("budget", ["4096", "524288"])
+@pytest.mark.parametrize("budget", [4096, 524288])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_every_tile_width_matches_reference(monkeypatch, n, budget, transpose):
-    monkeypatch.setenv("KAMA_TILE_BYTES", budget)
+    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", budget)
     pairs, angles, x = _problem(n=n, dtype=torch.float64)
     a1 = angles.clone().requires_grad_(True)
     a2 = angles.clone().requires_grad_(True)
@@ -124,9 +124,10 @@ def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
 
 
 def test_tile_width_rule(monkeypatch):
-    monkeypatch.delenv("KAMA_TILE_BYTES", raising=False)
+    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", 512 * 1024)
     assert givens._tile_width(1, 1024, 4, 1) == 1
     assert givens._tile_width(5, 1024, 4, 1) == 8
+    assert givens._tile_width(64, 64, 4, 2) == 64
     assert givens._tile_width(300, 1024, 4, 1) == 128
     assert givens._tile_width(300, 1024, 4, 2) == 64
     assert givens._tile_width(300, 4096, 8, 2) == 32

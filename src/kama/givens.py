@@ -428,24 +428,24 @@ def _walk_backward(
     return state[1], gt
 
 
+TILE_BUDGET_BYTES = int(os.environ.get("KAMA_TILE_BYTES", 512 * 1024))
+"""Cache budget of the compiled kernel's tiles (environment ``KAMA_TILE_BYTES``, read at import)."""
+
+
 def _tile_width(n_rows: int, d: int, itemsize: int, buffers: int) -> int:
     """Batch columns per tile of the compiled kernel.
 
-    Small batches use the next power of two >= the batch (no wasted lanes). Otherwise 128, 64 or 32 columns:
-    the widest whose ``buffers`` tiles of ``d x T`` stay within ``KAMA_TILE_BYTES`` (default 512 KiB, half
-    this machine's L2). Narrower tiles than 32 leave too little SIMD work per rotation (measured: 16 columns
-    run at a quarter of the speed of 32-128 on this EPYC).
+    A power of two no wider than the batch needs (at most 128), narrowed while ``buffers`` tiles of ``d x T``
+    exceed :data:`TILE_BUDGET_BYTES` (default 512 KiB, half this machine's L2), but not below 32 columns:
+    narrower tiles leave too little SIMD work per rotation (measured: 16 columns run at a quarter of the speed
+    of 32-128 on this EPYC).
     """
-    budget = int(os.environ.get("KAMA_TILE_BYTES", 512 * 1024))
-    if n_rows < 32:
-        t = 1
-        while t < n_rows:
-            t *= 2
-        return t
-    for t in (128, 64):
-        if buffers * d * t * itemsize <= budget:
-            return t
-    return 32
+    t = 1
+    while t < min(n_rows, 128):
+        t *= 2
+    while t > 32 and buffers * d * t * itemsize > TILE_BUDGET_BYTES:
+        t //= 2
+    return t
 
 
 def _kernel_threads(n_rows: int, k: int) -> int:
@@ -454,32 +454,43 @@ def _kernel_threads(n_rows: int, k: int) -> int:
     return max(1, min(torch.get_num_threads(), int(work // 4e6) or 1))
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, without a call when it already is (small calls: RL policies)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
     ii, jj = plan.seq
-    a = angles.detach().to(cdtype)
+    a = _as(angles.detach(), cdtype)
     c, s = torch.cos(a), torch.sin(a)
     return ii, jj, c, s
 
 
-def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool) -> torch.Tensor:
+def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+               coef: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     cdtype = _compute_dtype(x.dtype)
-    xc = x.to(cdtype).contiguous()
+    xc = _as(x, cdtype)
     y = torch.empty_like(xc)
-    ii, jj, c, s = _c_sequence(plan, angles, cdtype)
+    ii, jj = plan.seq
+    c, s = coef if coef is not None else _c_sequence(plan, angles, cdtype)[2:]
     n, d = xc.shape
     k = plan.num_rotations
     _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, ii.data_ptr(), jj.data_ptr(), c.data_ptr(), s.data_ptr(),
                      k, _tile_width(n, d, xc.element_size(), 1), _kernel_threads(n, k), int(cdtype == torch.float64),
                      int(transpose))
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool):
+def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+                coef: tuple[torch.Tensor, torch.Tensor] | None = None):
     cdtype = _compute_dtype(y.dtype)
-    yc = y.to(cdtype).contiguous()
-    gc = gy.to(cdtype).contiguous()
+    yc = _as(y, cdtype)
+    gc = _as(gy, cdtype)
     gx = torch.empty_like(yc)
-    ii, jj, c, s = _c_sequence(plan, angles, cdtype)
+    ii, jj = plan.seq
+    c, s = coef if coef is not None else _c_sequence(plan, angles, cdtype)[2:]
     n, d = yc.shape
     k = plan.num_rotations
     threads = _kernel_threads(n, k)
@@ -488,8 +499,8 @@ def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: G
                       jj.data_ptr(), c.data_ptr(), s.data_ptr(), k, _tile_width(n, d, yc.element_size(), 2), threads,
                       int(cdtype == torch.float64), int(transpose))
     g_applied = gacc.sum(0) if threads > 1 else gacc[0]
-    g_angles = -g_applied if transpose else g_applied
-    return gx.to(y.dtype), g_angles.to(angles.dtype)
+    g_angles = _as(-g_applied if transpose else g_applied, angles.dtype)
+    return (gx if gx.dtype == y.dtype else gx.to(y.dtype)), g_angles
 
 
 class _GivensFunction(torch.autograd.Function):
@@ -501,8 +512,11 @@ class _GivensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,  # type: ignore[override]
                 kernel: str = "torch"):
+        ctx.coef = None
         if kernel == "c":
-            y = _c_forward(x, angles, plan, transpose)
+            # cos/sin are kept for the backward (O(k) memory) instead of being recomputed there.
+            ctx.coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
+            y = _c_forward(x, angles, plan, transpose, ctx.coef)
         else:
             cdtype = _compute_dtype(x.dtype)
             c, s = _coefficients(plan, angles, cdtype, transpose)
@@ -523,7 +537,7 @@ class _GivensFunction(torch.autograd.Function):
         cdtype = _compute_dtype(y.dtype)
         differentiable = torch.is_grad_enabled()  # create_graph=True: record the backward itself
         if ctx.kernel == "c" and not differentiable:
-            gx, gangles = _c_backward(y, gy, angles, plan, transpose)
+            gx, gangles = _c_backward(y, gy, angles, plan, transpose, ctx.coef)
             return (gx if ctx.needs_input_grad[0] else None, gangles if ctx.needs_input_grad[1] else None,
                     None, None, None)
         c, s = _coefficients(plan, angles, cdtype, transpose)

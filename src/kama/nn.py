@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 from ._checks import check_int
 from .givens import (
+    GivensPlan,
+    as_plan,
     default_num_rotations,
     givens_apply,
     givens_matrix,
@@ -181,10 +183,10 @@ class KamaLinear(nn.Module):
         if self.out_features <= self.in_features:
             if self.out_features < self.n:
                 y = y[..., : self.out_features]
-            y = y * self.scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+            if self.bias is not None:
+                return torch.addcmul(self.bias, y, self.scale)
+            return y * self.scale
+        return y + self.bias if self.bias is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -202,11 +204,22 @@ class KamaLinear(nn.Module):
             if self._dense_wins(n_rows):
                 return F.linear(x, self._cached_dense(), self.bias)
         xp = self._pad_input(x)
-        y = givens_apply(xp, self.pairs, self.angles)
+        y = givens_apply(xp, self._plan(), self.angles)
         if record and y.requires_grad:
             xd = xp.detach()
             y.register_hook(lambda g: self._propose_planes(xd, g))
         return self._finish_output(y)
+
+    def _plan(self) -> GivensPlan:
+        """The plan of ``pairs``, kept on the module while ``pairs`` keeps its values (checked each call)."""
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None:
+            pairs, plan = cached
+            if pairs.device == self.pairs.device and pairs.shape == self.pairs.shape and torch.equal(pairs, self.pairs):
+                return plan
+        plan = as_plan(self.pairs, self.n)
+        self.__dict__["_plan_cache"] = (self.pairs.clone(), plan)
+        return plan
 
     # ------------------------------------------------------------------------------------------------------
     # Inference cache: without gradients, a materialized W is reused while pairs, angles and scale keep their
@@ -236,6 +249,7 @@ class KamaLinear(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_dense_cache", None)
+        state.pop("_plan_cache", None)
         return state
 
     def to_dense(self) -> torch.Tensor:
