@@ -5,16 +5,12 @@ r"""Pointwise nonlinear Gaussian (PNG) kernels, exactly (paper section 4, Defini
 
 Closed forms (``theta`` is the angle between ``x`` and ``y``):
 
-=============  ======================  ===================================================================
-name           f                       K
-=============  ======================  ===================================================================
-``angular``    sign                    :math:`1 - 2\theta/\pi` (the paper's convention)
-``arccos0``    Heaviside ``1[u > 0]``  :math:`(\pi - \theta) / (2\pi)`
-``arccos1``    ReLU                    :math:`\lVert x\rVert \lVert y\rVert (\sin\theta + (\pi - \theta)\cos\theta) / (2\pi)`
-``arccos2``    ReLU squared            :math:`\lVert x\rVert^2 \lVert y\rVert^2 (3 \sin\theta\cos\theta + (\pi - \theta)(1 + 2\cos^2\theta)) / (2\pi)`
-``rbf``        (cos, sin) of           :math:`\exp(-\gamma \lVert x - y\rVert^2)`
-               :math:`\sqrt{2\gamma}\, u`
-=============  ======================  ===================================================================
+* ``angular``, f = sign: :math:`1 - 2\theta/\pi` (the paper's convention);
+* ``arccos0``, f = Heaviside ``1[u > 0]``: :math:`(\pi - \theta) / (2\pi)`;
+* ``arccos1``, f = ReLU: :math:`\lVert x\rVert \lVert y\rVert (\sin\theta + (\pi - \theta)\cos\theta)/(2\pi)`;
+* ``arccos2``, f = ReLU squared:
+  :math:`\lVert x\rVert^2 \lVert y\rVert^2 (3\sin\theta\cos\theta + (\pi - \theta)(1 + 2\cos^2\theta))/(2\pi)`;
+* ``rbf``, f = (cos, sin) of :math:`\sqrt{2\gamma}\,u`: :math:`\exp(-\gamma \lVert x - y\rVert^2)`.
 
 The arc-cosine kernels are Cho and Saul's :math:`k_n / 2`. The older angular convention ``1 - theta / pi``
 (``variant="classic"``, the probability that two signs agree) equals ``(1 + K) / 2``.

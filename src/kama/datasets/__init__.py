@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import csv
-from functools import cache, lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
