@@ -114,3 +114,46 @@ def test_haar_rotation_is_special_orthogonal():
     q = capacity.haar_rotation(7, torch.Generator().manual_seed(0))
     torch.testing.assert_close(q @ q.T, torch.eye(7, dtype=torch.float64))
     assert math.isclose(float(torch.linalg.det(q)), 1.0, rel_tol=1e-9)
+
+
+def test_gram_errors_show_the_papers_ordering():
+    from kama.experiments import kernels
+
+    X = kernels.subset("parkinson", 120, True, 0)
+    urn = kernels.gram_errors(X, "gaussian", 2, 30, 1)
+    krn = kernels.gram_errors(X, "kama", 2, 30, 2)
+    # more features, less error; KRN below URN (measured ratio ~0.8 at m = d)
+    assert urn["rel_mean"][1] < urn["rel_mean"][0] and krn["rel_mean"][1] < krn["rel_mean"][0]
+    assert krn["rel_mean"][0] < 0.92 * urn["rel_mean"][0]
+    assert krn["mse_mean"][0] < 0.85 * urn["mse_mean"][0]
+
+
+def test_gram_errors_match_direct_computation():
+    import torch
+
+    from kama.experiments import kernels
+    from kama.png import png_kernel
+
+    X = kernels.subset("boston", 20, True, 0)
+    res = kernels.gram_errors(X, "orthogonal", 1, 1, 5)
+    gen = torch.Generator().manual_seed(5)
+    from kama.features import random_matrix
+
+    s = torch.sign(random_matrix("orthogonal", X.shape[1], X.shape[1], generator=gen, dtype=torch.float32)
+                   .apply(X.float()))
+    est = (s @ s.T / X.shape[1]).double()
+    K = png_kernel(X, X, "angular")
+    off = ~torch.eye(20, dtype=torch.bool)
+    assert abs(res["rel_mean"][0] - float((est - K).norm() / K.norm())) < 1e-5
+    assert abs(res["mse_mean"][0] - float((est - K)[off].pow(2).mean())) < 1e-6
+
+
+def test_png_gap_is_positive_and_order_one_over_d():
+    from kama.experiments import kernels
+
+    cfg = kernels.GapConfig(dims=(32,), functions=("sign", "tanh"), pairs=16, reps=150)
+    row = kernels.mse_gap(32, "orthogonal", cfg, 0)
+    for f in ("sign", "tanh"):
+        # the gap times d is positive (beyond 3 s.e.) and below the URN MSE times d
+        assert row[f"{f}_gap_x_d"] > 3 * row[f"{f}_gap_x_d_se"]
+        assert row[f"{f}_gap_x_d"] < row[f"{f}_urn_mse_x_d"]

@@ -131,3 +131,17 @@ def test_tile_width_rule(monkeypatch):
     assert givens._tile_width(300, 1024, 4, 1) == 128
     assert givens._tile_width(300, 1024, 4, 2) == 64
     assert givens._tile_width(300, 4096, 8, 2) == 32
+
+
+def test_scaled_apply_matches_composition():
+    pairs, angles, x = _problem(d=20, k=150, n=70, dtype=torch.float64)
+    scale = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    ref = kama.givens_apply(x, pairs, angles, backend="reference") * scale
+    with torch.no_grad():
+        torch.testing.assert_close(givens.givens_apply_scaled(x, pairs, angles, scale), ref)
+    xg = x.clone().requires_grad_(True)
+    out = givens.givens_apply_scaled(xg, pairs, angles, scale)  # with gradients: the plain composition
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(givens.givens_apply_scaled(x[None], pairs, angles, scale)[0], ref)

@@ -36,6 +36,7 @@ typedef struct {
     double *gacc;         /* backward: (nthreads, k) angle-gradient accumulators */
     const int32_t *ii, *jj;
     const void *c, *s;    /* (k,) cos and sin of the angles, in product order */
+    const void *scale;    /* forward: optional (d,) factors applied to the output coordinates, or NULL */
     int64_t n, d, k;
     int reverse;          /* 1: apply r = k-1 .. 0 (M x); 0: r = 0 .. k-1 (M^T x) */
     double sgn;           /* sign applied to s (-1 for the transpose) */
@@ -102,10 +103,13 @@ static void buf_put(void *p, size_t bytes) {
                 for (int64_t t = rows; t < T; ++t) buf[f * T + t] = 0;                                      \
     }                                                                                                       \
     static void store_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,        \
-                               int64_t d, int64_t T) {                                                      \
+                               int64_t d, int64_t T, const TYPE *restrict scale) {                          \
         for (int64_t t = 0; t < rows; ++t) {                                                                \
             TYPE *dst = y + (n0 + t) * d;                                                                   \
-            for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t];                                        \
+            if (scale)                                                                                      \
+                for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t] * scale[f];                         \
+            else                                                                                            \
+                for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t];                                    \
         }                                                                                                   \
     }
 
@@ -199,7 +203,7 @@ DEFINE_ALL_T(double, f64)
             load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
             DISPATCH_T(fwd, SUFFIX, T, buf, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k,     \
                        j->reverse, (TYPE)j->sgn)                                                            \
-            store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T);                                              \
+            store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T, (const TYPE *)j->scale);                      \
         }                                                                                                   \
         buf_put(buf, bytes);                                                                                \
         return NULL;                                                                                        \
@@ -218,7 +222,7 @@ DEFINE_ALL_T(double, f64)
             load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
             DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k,  \
                        j->reverse, (TYPE)j->sgn, acc)                                                       \
-            store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T);                                              \
+            store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
         }                                                                                                   \
         buf_put(vb, bytes);                                                                                 \
         buf_put(gb, bytes);                                                                                 \
@@ -286,18 +290,18 @@ static int check_pairs(const int32_t *ii, const int32_t *jj, int64_t k, int64_t 
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Python bindings: forward(x, y, n, d, ii, jj, c, s, k, tile, nthreads, is_double, transpose)          */
+/* Python bindings: forward(x, y, n, d, ii, jj, c, s, k, tile, nthreads, is_double, transpose[, scale]) */
 /*                  backward(y, gy, gx, gacc, n, d, ii, jj, c, s, k, tile, nthreads, is_double, transpose)*/
 /* gacc (nthreads, k) receives d L / d(applied angle) in product order; the caller negates it for the     */
 /* transpose.                                                                                            */
 /* ---------------------------------------------------------------------------------------------------- */
 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
-    unsigned long long x, y, ii, jj, c, s;
+    unsigned long long x, y, ii, jj, c, s, scale = 0;
     long long n, d, k, tile;
     int nthreads, is_double, transpose;
-    if (!PyArg_ParseTuple(args, "KKLLKKKKLLiii", &x, &y, &n, &d, &ii, &jj, &c, &s, &k, &tile, &nthreads,
-                          &is_double, &transpose))
+    if (!PyArg_ParseTuple(args, "KKLLKKKKLLiii|K", &x, &y, &n, &d, &ii, &jj, &c, &s, &k, &tile, &nthreads,
+                          &is_double, &transpose, &scale))
         return NULL;
     if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
         PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
@@ -309,8 +313,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     }
     if (n == 0) Py_RETURN_NONE;
     job_t proto = {(const void *)x, (void *)y, NULL, NULL, NULL, (const int32_t *)ii, (const int32_t *)jj,
-                   (const void *)c, (const void *)s, n, d, k, !transpose, transpose ? -1.0 : 1.0,
-                   tile, 0, 0, 0, 0};
+                   (const void *)c, (const void *)s, (const void *)scale, n, d, k, !transpose,
+                   transpose ? -1.0 : 1.0, tile, 0, 0, 0, 0};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
@@ -336,7 +340,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     }
     if (n == 0) Py_RETURN_NONE;
     job_t proto = {(const void *)y, NULL, (const void *)gy, (void *)gx, (double *)gacc, (const int32_t *)ii,
-                   (const int32_t *)jj, (const void *)c, (const void *)s, n, d, k, !transpose,
+                   (const int32_t *)jj, (const void *)c, (const void *)s, NULL, n, d, k, !transpose,
                    transpose ? -1.0 : 1.0, tile, 0, 0, 0, 0};
     proto.y = (void *)y; /* the worker reads the saved output through j->y */
     int status;

@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ._checks import check_choice, check_int
-from .givens import GivensPlan, givens_apply, random_angles, random_pairs
+from .givens import GivensPlan, givens_apply, givens_apply_scaled, random_angles, random_pairs
 
 __all__ = [
     "SAMPLERS",
@@ -52,8 +53,13 @@ SAMPLERS: tuple[str, ...] = ("gaussian", "orthogonal", "hadamard", "kama")
 
 
 def chi_norms(d: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    r"""``n`` independent samples of :math:`\chi(d)`, the norm of a ``d``-dimensional standard Gaussian (float64)."""
-    return torch.randn(n, d, generator=generator, dtype=torch.float64).norm(dim=1)
+    r"""``n`` independent samples of :math:`\chi(d)`, the norm of a ``d``-dimensional standard Gaussian (float64).
+
+    Drawn as square roots of chi-square variates (``O(n)``, not ``O(n d)``), from a NumPy generator seeded by
+    one draw of ``generator``.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.from_numpy(np.sqrt(np.random.default_rng(seed).chisquare(d, size=n)))
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -242,11 +248,14 @@ class KamaMatrix(RandomMatrix):
         X = self._check(X)
         outs = []
         left = self.m
-        for plan, angles in zip(self.plans, self.angles, strict=True):
-            y = givens_apply(X, plan, angles)
-            outs.append(y[..., : min(left, self.d)])
+        for b, (plan, angles) in enumerate(zip(self.plans, self.angles, strict=True)):
+            scale = self.row_scale[b * self.d : (b + 1) * self.d]
+            if scale.numel() < self.d:  # truncated last block: scale the kept rows only
+                outs.append(givens_apply(X, plan, angles)[..., : scale.numel()] * scale)
+            else:
+                outs.append(givens_apply_scaled(X, plan, angles, scale))  # scaling fused in the kernel
             left -= self.d
-        return torch.cat(outs, dim=-1) * self.row_scale
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 _CLASSES: dict[str, type[RandomMatrix]] = {

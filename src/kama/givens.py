@@ -279,40 +279,51 @@ class GivensPlan:
         self.d = check_int("d", d, minimum=1)
         self.pairs = _check_pairs(pairs, self.d)
         self.num_rotations = int(self.pairs.shape[0])
-        self.layer_of = asap_layers(self.pairs) if self.num_rotations else torch.empty(0, dtype=torch.long)
-        self.depth = int(self.layer_of.max()) + 1 if self.num_rotations else 0
-        # Rotations sorted by layer (stable: keeps product order inside a layer, irrelevant but tidy).
-        perm = torch.sort(self.layer_of, stable=True).indices
-        counts = torch.bincount(self.layer_of, minlength=self.depth) if self.depth else torch.zeros(0)
-        offsets = [0]
-        for c in counts.tolist():
-            offsets.append(offsets[-1] + int(c))
-        self.perm = perm
-        self.offsets: list[int] = offsets
-        # For every layer l with rotations perm[a:b] (m = b - a): the gather index [I..., J...] (2m entries),
-        # stored for all layers back to back at positions 2a : 2b.
-        idx = []
-        rot = []
-        sign = []
-        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-            rs = perm[a:b]
-            idx.append(self.pairs[rs, 0])
-            idx.append(self.pairs[rs, 1])
-            rot.append(rs)
-            rot.append(rs)
-            sign.append(-torch.ones(b - a))
-            sign.append(torch.ones(b - a))
-        cat = (lambda xs, dt: torch.cat(xs).to(dt)) if idx else (lambda xs, dt: torch.empty(0, dtype=dt))
-        self.index = cat(idx, torch.long)  # (2k,)
-        self.rot_of_index = cat(rot, torch.long)  # (2k,) rotation id of every gather position
-        self.sign_of_index = cat(sign, torch.float64)  # (2k,) -1 on the I half, +1 on the J half
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # int32 columns in product order for the compiled kernel (it walks them in either direction).
         p32 = self.pairs.to(torch.int32)
         self.seq = (p32[:, 0].contiguous(), p32[:, 1].contiguous())
+        self._layers: dict[str, object] | None = None  # the ASAP schedule, built on first use
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _schedule(self) -> dict[str, object]:
+        if self._layers is not None:
+            return self._layers
+        k = self.num_rotations
+        layer_of = asap_layers(self.pairs) if k else torch.empty(0, dtype=torch.long)
+        depth = int(layer_of.max()) + 1 if k else 0
+        # Rotations sorted by layer (stable: keeps product order inside a layer).
+        perm = torch.sort(layer_of, stable=True).indices
+        counts = torch.bincount(layer_of, minlength=depth) if depth else torch.zeros(0, dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        offsets = [0] + torch.cumsum(counts, 0).tolist()
+        # Layer l holds rotations perm[a:b] (m = b - a); its gather index [I..., J...] sits at 2a : 2b, so the
+        # rotation at sorted position q (layer l) has its I at a + q and its J at a + q + m.
+        lay = layer_of[perm]
+        a, m = starts[lay], counts[lay]
+        q = torch.arange(k)
+        index = torch.empty(2 * k, dtype=torch.long)
+        rot = torch.empty(2 * k, dtype=torch.long)
+        sign = torch.empty(2 * k, dtype=torch.float64)
+        index[a + q] = self.pairs[perm, 0]
+        index[a + q + m] = self.pairs[perm, 1]
+        rot[a + q] = perm
+        rot[a + q + m] = perm
+        sign[a + q] = -1.0
+        sign[a + q + m] = 1.0
+        self._layers = {"layer_of": layer_of, "depth": depth, "perm": perm, "offsets": offsets, "index": index,
+                        "rot_of_index": rot, "sign_of_index": sign}
+        return self._layers
+
+    layer_of = property(lambda self: self._schedule()["layer_of"], doc="ASAP layer of every rotation.")
+    depth = property(lambda self: self._schedule()["depth"], doc="Number of ASAP layers.")
+    perm = property(lambda self: self._schedule()["perm"], doc="Rotations sorted by layer.")
+    offsets = property(lambda self: self._schedule()["offsets"], doc="Layer l holds perm[offsets[l]:offsets[l+1]].")
+    index = property(lambda self: self._schedule()["index"], doc="(2k,) gather index, [I...; J...] per layer.")
+    rot_of_index = property(lambda self: self._schedule()["rot_of_index"], doc="Rotation of every gather entry.")
+    sign_of_index = property(lambda self: self._schedule()["sign_of_index"], doc="-1 on I entries, +1 on J.")
 
     def __repr__(self) -> str:
-        return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations}, depth={self.depth})"
+        return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations})"
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(index, rot_of_index, sign_of_index, perm)`` on ``device`` (cached)."""
@@ -469,8 +480,10 @@ def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
 
 
 def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
-               coef: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               coef: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out_scale: torch.Tensor | None = None) -> torch.Tensor:
     cdtype = _compute_dtype(x.dtype)
+    scale_ptr = _as(out_scale, cdtype).data_ptr() if out_scale is not None else 0
     xc = _as(x, cdtype)
     y = torch.empty_like(xc)
     ii, jj = plan.seq
@@ -479,8 +492,24 @@ def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpos
     k = plan.num_rotations
     _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, ii.data_ptr(), jj.data_ptr(), c.data_ptr(), s.data_ptr(),
                      k, _tile_width(n, d, xc.element_size(), 1), _kernel_threads(n, k), int(cdtype == torch.float64),
-                     int(transpose))
+                     int(transpose), scale_ptr)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def givens_apply_scaled(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch.Tensor,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """``givens_apply(x, pairs, angles) * scale`` with the scaling fused into the compiled kernel's output pass
+    when no gradient is needed (random features); otherwise the plain composition."""
+    if (torch.is_grad_enabled() and (x.requires_grad or angles.requires_grad or scale.requires_grad)) \
+            or x.device.type != "cpu" or _cgivens is None or x.dtype != angles.dtype:
+        return givens_apply(x, pairs, angles) * scale
+    d = int(x.shape[-1])
+    plan = as_plan(pairs, d)
+    if scale.shape != (d,) or angles.shape != (plan.num_rotations,):
+        return givens_apply(x, plan, angles) * scale  # let givens_apply / broadcasting raise the errors
+    keep = x.shape
+    y = _c_forward(x.reshape(-1, d), angles, plan, False, out_scale=scale.detach())
+    return y.reshape(keep)
 
 
 def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,

@@ -25,6 +25,7 @@ from scipy import stats
 
 from ..givens import givens_matrix, random_angles, random_pairs
 from .base import Experiment, RunContext, register, write_csv
+from .plotting import log_xticks, pyplot
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,7 @@ def fit_error(d: int, ratio: float, steps: int, lr: float, seed: int) -> dict[st
 
 
 def _plot(mix: list[dict], fit: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     dims = sorted({r["d"] for r in mix})
     for d in dims:
@@ -148,13 +145,9 @@ def _plot(mix: list[dict], fit: list[dict], path) -> None:
         axes[2].axvline(rs[0]["so_d_dim_ratio"], color=line.get_color(), ls="--", lw=1)
     axes[2].set(xscale="log", yscale="log", xlabel="k / (d ln d)", ylabel="||M - Q||_F / sqrt(d)",
                 title="Fitting a Haar-random Q with k learned angles\n(dashed: k = dim SO(d) = d(d-1)/2)")
-    from matplotlib.ticker import NullFormatter
-
     for ax, xs in zip(axes, ([r["ratio"] for r in mix], [r["ratio"] for r in mix], [r["ratio"] for r in fit]),
                       strict=True):
-        ticks = sorted(set(xs))
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        log_xticks(ax, xs)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

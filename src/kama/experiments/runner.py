@@ -17,7 +17,7 @@ __all__ = ["reproduce", "load_experiments"]
 
 def load_experiments() -> dict[str, Any]:
     """Import the experiment modules (each registers itself) and return the registry."""
-    from . import capacity  # noqa: F401
+    from . import capacity, kernels  # noqa: F401
 
     return REGISTRY
 
