@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import kama
+from bench_features import replace_section
 from kama.experiments.base import git_commit
 
 MARK_BEGIN = "<!-- bench_givens:begin -->"
@@ -234,14 +235,7 @@ def main() -> None:
               f"{m['ratio']:.2f} |" for m in mem]
     lines.append(MARK_END)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        block = "\n".join(lines)
-        if MARK_BEGIN in text and MARK_END in text:
-            a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-            text = text[:a] + block + text[b:]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        args.write.write_text(text)
+        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
         print(f"wrote {args.write}")
 
 

@@ -17,7 +17,13 @@ from torch.nn import functional as F
 from ._checks import check_int
 from .givens import (
     GivensPlan,
+    _c_backward,
+    _c_forward,
+    _c_sequence,
+    _compute_dtype,
     as_plan,
+    choose_backend,
+    cpu_kernel_available,
     default_num_rotations,
     givens_apply,
     givens_matrix,
@@ -203,8 +209,17 @@ class KamaLinear(nn.Module):
             n_rows = x.numel() // self.in_features
             if self._dense_wins(n_rows):
                 return F.linear(x, self._cached_dense(), self.bias)
+        plan = self._plan()
+        if not record and x.device.type == "cpu" and cpu_kernel_available() and x.dtype == self.angles.dtype \
+                and choose_backend(x.numel() // self.in_features, self.n, plan) == "cpu":
+            # One autograd node for pad, rotations, truncation, scalars and bias (RL-size layers are
+            # dominated by per-op overhead).
+            lead = x.shape[:-1]
+            y = _KamaLinearFunction.apply(x.reshape(-1, self.in_features), self.angles, self.scale, self.bias, plan,
+                                          self.out_features)
+            return y.reshape(*lead, self.out_features)
         xp = self._pad_input(x)
-        y = givens_apply(xp, self._plan(), self.angles)
+        y = givens_apply(xp, plan, self.angles)
         if record and y.requires_grad:
             xd = xp.detach()
             y.register_hook(lambda g: self._propose_planes(xd, g))
@@ -333,6 +348,73 @@ class KamaLinear(nn.Module):
                 g = F.pad(g * self.scale, (0, self.n - self.out_features))
         self._pending_planes = self._choose_planes(xp, g)
         return self._apply_pending_planes()
+
+
+def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                           plan: GivensPlan, out_features: int) -> torch.Tensor:
+    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes."""
+    n, in_features = plan.d, x.shape[-1]
+    if out_features > in_features:
+        x = F.pad(x * scale, (0, n - in_features))
+    y = givens_apply(x, plan, angles, backend="reference")
+    if out_features <= in_features:
+        y = y[..., :out_features] * scale
+    return y + bias if bias is not None else y
+
+
+class _KamaLinearFunction(torch.autograd.Function):
+    """KamaLinear's forward in one autograd node over the compiled kernel (CPU).
+
+    Saves the input and the rotated (pre-truncation) output; backward runs the kernel's saved-output walk.
+    A recorded backward (``create_graph=True``, e.g. TRPO's Hessian-vector products) recomputes the forward
+    with differentiable operations and differentiates that, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, x, angles, scale, bias, plan, out_features):  # type: ignore[override]
+        n, in_features = plan.d, x.shape[1]
+        xp = x
+        if out_features > in_features:
+            xp = F.pad(x * scale, (0, n - in_features))
+        coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
+        y_rot = _c_forward(xp, angles, plan, False, coef)
+        if out_features <= in_features:
+            out = torch.addcmul(bias, y_rot[:, :out_features], scale) if bias is not None \
+                else y_rot[:, :out_features] * scale
+        else:
+            out = y_rot + bias if bias is not None else y_rot.clone()
+        ctx.save_for_backward(x, angles, scale, bias, y_rot)
+        ctx.plan, ctx.out_features, ctx.coef = plan, out_features, coef
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, angles, scale, bias, y_rot = ctx.saved_tensors
+        plan, out_features = ctx.plan, ctx.out_features
+        if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
+            inputs = [t for t in (x, angles, scale, bias) if t is not None]
+            with torch.enable_grad():
+                out = _kama_linear_reference(x, angles, scale, bias, plan, out_features)
+                grads = torch.autograd.grad(out, inputs, g, create_graph=True, allow_unused=True)
+            gx, ga, gs = grads[:3]
+            gb = grads[3] if bias is not None else None
+            return gx, ga, gs, gb, None, None
+        n, in_features = plan.d, x.shape[1]
+        gb = g.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
+        if out_features <= in_features:
+            gs = (g * y_rot[:, :out_features]).sum(0)
+            g_rot = g * scale
+            if out_features < n:
+                g_rot = F.pad(g_rot, (0, n - out_features))
+        else:
+            g_rot = g
+        g_xp, ga = _c_backward(y_rot, g_rot, angles, plan, False, ctx.coef)
+        if out_features > in_features:
+            g_in = g_xp[:, :in_features]
+            gs = (g_in * x).sum(0)
+            gx = g_in * scale
+        else:
+            gx = g_xp
+        return gx, ga, gs, gb, None, None
 
 
 class ToeplitzLinear(nn.Module):

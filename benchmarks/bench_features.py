@@ -1,0 +1,74 @@
+"""Featurization speed of the four random matrices (sampling included), measured in one run.
+
+Usage::
+
+    python benchmarks/bench_features.py [--n 10000] [--dims 256 1024 2048] [--threads 1] [--repeats 5]
+                                        [--write BENCHMARKS.md]
+
+For every ``d``: the median over ``--repeats`` of sampling an ``m = d`` matrix and computing
+``sign(X W^T)`` for ``n`` random points (float32), for URN, ORN, HORN and KAMA (k = ceil(5 d ln d)), and the
+KAMA speed-up against URN and ORN in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from pathlib import Path
+
+import torch
+
+from kama.experiments.base import git_commit
+from kama.experiments.kernels import LABELS, ORDER, featurize_seconds
+
+MARK_BEGIN = "<!-- bench_features:begin -->"
+MARK_END = "<!-- bench_features:end -->"
+
+
+def replace_section(path: Path, begin: str, end: str, block: str) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` (appending the block if absent)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        a, b = text.index(begin), text.index(end) + len(end)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--dims", type=int, nargs="+", default=[256, 1024, 2048])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for d in args.dims:
+        t = {s: featurize_seconds(s, d, args.n, args.repeats, 0) for s in ORDER}
+        rows.append((d, t))
+        print(f"d={d}: " + ", ".join(f"{LABELS[s]} {1e3 * t[s]:.1f} ms" for s in ORDER)
+              + f"; KAMA x{t['gaussian'] / t['kama']:.2f} vs URN, x{t['orthogonal'] / t['kama']:.2f} vs ORN",
+              flush=True)
+    cmd = (f"python benchmarks/bench_features.py --n {args.n} --dims {' '.join(map(str, args.dims))} "
+           f"--threads {args.threads} --repeats {args.repeats}")
+    lines = [MARK_BEGIN, f"Command: `{cmd}`  ",
+             f"Machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; commit "
+             f"`{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+             f"Median ms to sample an m = d matrix and featurize N = {args.n} points with sign(X W^T), float32.", "",
+             "| d | " + " | ".join(f"{LABELS[s]} ms" for s in ORDER) + " | KAMA speed-up vs URN | vs ORN |",
+             "|---|" + "---|" * (len(ORDER) + 2)]
+    for d, t in rows:
+        lines.append(f"| {d} | " + " | ".join(f"{1e3 * t[s]:.1f}" for s in ORDER)
+                     + f" | {t['gaussian'] / t['kama']:.2f} | {t['orthogonal'] / t['kama']:.2f} |")
+    lines.append(MARK_END)
+    if args.write:
+        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
