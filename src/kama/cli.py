@@ -38,6 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true", help="recompute finished experiments")
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sub.add_parser("list", help="list the registered experiments and their configs")
+    rl = sub.add_parser("rl", help="reinforcement learning with compact policies (needs the 'rl' extra)")
+    rl_sub = rl.add_subparsers(dest="rl_command", required=True)
+    tr = rl_sub.add_parser("train", help="train one PPO/TRPO run; write returns.csv, config.json, model.zip")
+    tr.add_argument("--env", default="InvertedPendulum-v5", help="gymnasium id (Box spaces), e.g. Hopper-v5")
+    tr.add_argument("--algo", default="ppo", help="ppo or trpo")
+    tr.add_argument("--policy", default="kama", help="kama, toeplitz or mlp")
+    tr.add_argument("--hidden", type=int, default=64, help="hidden units h (paper: 64 PPO, 32 TRPO)")
+    tr.add_argument("--rotations", type=int, default=200, help="Givens rotations per layer K (paper: 200 / 100)")
+    tr.add_argument("--dense-critic", action="store_true", help="keep the critic unstructured")
+    tr.add_argument("--learn-planes", action="store_true", help="learn the rotation planes (section 6.3)")
+    tr.add_argument("--steps", type=int, default=100_000, help="environment steps")
+    tr.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
+    tr.add_argument("--eval-episodes", type=int, default=5)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--algo-kwargs", default="{}", help='JSON keyword arguments of PPO/TRPO, e.g. {"n_steps": 1024}')
+    tr.add_argument("--out", default=None, help="output folder (default: results/rl/ENV-ALGO-POLICY-sSEED)")
     return parser
 
 
@@ -45,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .experiments.runner import load_experiments, reproduce
 
+    if args.command == "rl":
+        return _rl(args)
     if args.command == "list":
         for name, exp in load_experiments().items():
             print(f"{name}: {exp.title}")
@@ -58,6 +76,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kama: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report}")
+    return 0
+
+
+def _rl(args: argparse.Namespace) -> int:
+    try:
+        from .rl.train import RunConfig, train
+    except ImportError as e:  # pragma: no cover - the rl extra is not installed
+        print(f"kama: error: {e}; install the rl extra: pip install 'kama-nn[rl]'", file=sys.stderr)
+        return 2
+    try:
+        algo_kwargs = json.loads(args.algo_kwargs)
+        cfg = RunConfig(env_id=args.env, algo=args.algo, architecture=args.policy, hidden=args.hidden,
+                        num_rotations=args.rotations, structured_critic=not args.dense_critic,
+                        learn_planes=args.learn_planes, total_timesteps=args.steps, eval_every=args.eval_every,
+                        eval_episodes=args.eval_episodes, seed=args.seed, algo_kwargs=algo_kwargs)
+        out = args.out or f"results/rl/{args.env}-{args.algo}-{args.policy}-s{args.seed}"
+        train(cfg, out)
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        print(f"kama: error: {e}", file=sys.stderr)
+        return 2
+    print(f"run written to {out}")
     return 0
 
 

@@ -391,13 +391,17 @@ class _KamaLinearFunction(torch.autograd.Function):
         x, angles, scale, bias, y_rot = ctx.saved_tensors
         plan, out_features = ctx.plan, ctx.out_features
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
-            inputs = [t for t in (x, angles, scale, bias) if t is not None]
+            inputs = (x, angles, scale, bias)
+            want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+            result: list[torch.Tensor | None] = [None] * 4
             with torch.enable_grad():
                 out = _kama_linear_reference(x, angles, scale, bias, plan, out_features)
-                grads = torch.autograd.grad(out, inputs, g, create_graph=True, allow_unused=True)
-            gx, ga, gs = grads[:3]
-            gb = grads[3] if bias is not None else None
-            return gx, ga, gs, gb, None, None
+                if want:
+                    grads = torch.autograd.grad(out, [inputs[i] for i in want], g, create_graph=True,
+                                                allow_unused=True)
+                    for i, gr in zip(want, grads, strict=True):
+                        result[i] = gr
+            return (*result, None, None)
         n, in_features = plan.d, x.shape[1]
         gb = g.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
         if out_features <= in_features:

@@ -1,0 +1,170 @@
+r"""Compact actor-critic policies for stable-baselines3 PPO and sb3-contrib TRPO (paper section 6.2-6.3).
+
+Two hidden layers of ``hidden`` units (paper: 64 for PPO, 32 for TRPO) with all three matrices of the actor
+structured: ``architecture="kama"`` (:class:`kama.KamaLinear`, ``num_rotations`` Givens rotations per layer,
+the first and last matrices truncated), ``"toeplitz"`` (:class:`kama.ToeplitzLinear`) or ``"mlp"`` (SB3's
+unstructured ``nn.Linear`` baseline, identical to ``MlpPolicy`` with ``net_arch=[hidden, hidden]``). The critic
+is structured the same way unless ``structured_critic=False``.
+
+Initialization follows SB3's orthogonal scheme with the same gains (sqrt 2 hidden, 0.01 action head, 1 value
+head): a KAMA layer with random angles is a (truncated) orthogonal matrix, so its scalars are set to the gain
+and its bias to 0; a Toeplitz layer draws ``N(0, gain^2 / max(in, out))`` coefficients.
+
+Parameter names keep SB3's conventions (``mlp_extractor.policy_net``, ``mlp_extractor.value_net``,
+``action_net``, ``value_net``): TRPO treats every parameter whose name contains ``value`` as the critic's.
+Fixed planes are buffers, never frozen parameters (TRPO differentiates every actor parameter).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from torch import nn
+
+from .._checks import check_choice, check_int
+from ..nn import KamaLinear, ToeplitzLinear
+
+__all__ = ["ARCHITECTURES", "KamaActorCriticPolicy", "StructuredMlpExtractor", "structured_layer",
+           "actor_parameter_count", "check_spaces"]
+
+ARCHITECTURES: tuple[str, ...] = ("kama", "toeplitz", "mlp")
+
+
+def structured_layer(architecture: str, in_features: int, out_features: int, *, gain: float,
+                     num_rotations: int = 200, learn_planes: bool = False) -> nn.Module:
+    """One layer of the given architecture, initialized like SB3's orthogonal init with ``gain``."""
+    architecture = check_choice("architecture", architecture, ARCHITECTURES)
+    if architecture == "mlp":
+        layer = nn.Linear(in_features, out_features)
+        nn.init.orthogonal_(layer.weight, gain=gain)
+        nn.init.zeros_(layer.bias)
+        return layer
+    if architecture == "kama":
+        layer = KamaLinear(in_features, out_features, num_rotations=num_rotations, learn_planes=learn_planes)
+        with torch.no_grad():
+            layer.scale.fill_(gain)
+            layer.bias.zero_()
+        return layer
+    layer = ToeplitzLinear(in_features, out_features)
+    with torch.no_grad():
+        layer.coeffs.normal_(0.0, gain / math.sqrt(max(in_features, out_features)))
+        layer.bias.zero_()
+    return layer
+
+
+class StructuredMlpExtractor(nn.Module):
+    """SB3's ``mlp_extractor`` contract (``latent_dim_pi``, ``latent_dim_vf``, ``forward_actor``,
+    ``forward_critic``) with two structured hidden layers per network."""
+
+    def __init__(self, feature_dim: int, hidden: int, architecture: str, num_rotations: int,
+                 structured_critic: bool, learn_planes: bool, activation_fn: type[nn.Module]) -> None:
+        super().__init__()
+
+        def net(arch: str) -> nn.Sequential:
+            return nn.Sequential(
+                structured_layer(arch, feature_dim, hidden, gain=math.sqrt(2), num_rotations=num_rotations,
+                                 learn_planes=learn_planes), activation_fn(),
+                structured_layer(arch, hidden, hidden, gain=math.sqrt(2), num_rotations=num_rotations,
+                                 learn_planes=learn_planes), activation_fn())
+
+        self.policy_net = net(architecture)
+        self.value_net = net(architecture if structured_critic else "mlp")
+        self.latent_dim_pi = hidden
+        self.latent_dim_vf = hidden
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy_net(features), self.value_net(features)
+
+    def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
+        return self.policy_net(features)
+
+    def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
+        return self.value_net(features)
+
+
+def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
+    """Box observations and Box actions (MuJoCo-style control) are supported; anything else is an error."""
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise ValueError(f"observation space must be a 1-D gymnasium.spaces.Box, got {observation_space}")
+    if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
+        raise ValueError(f"action space must be a 1-D gymnasium.spaces.Box, got {action_space}")
+
+
+class KamaActorCriticPolicy(ActorCriticPolicy):
+    """Actor-critic policy with KAMA, Toeplitz or dense layers, for ``PPO`` and sb3-contrib ``TRPO``.
+
+    Args:
+        observation_space, action_space, lr_schedule: as ``ActorCriticPolicy``.
+        architecture: ``"kama"``, ``"toeplitz"`` or ``"mlp"``.
+        hidden: units of each of the two hidden layers (h).
+        num_rotations: Givens rotations per KAMA layer (K).
+        structured_critic: structure the critic too (else dense).
+        learn_planes: KAMA layers learn their planes (paper section 6.3).
+        **kwargs: forwarded to ``ActorCriticPolicy`` (``log_std_init``, ``activation_fn``, ...).
+
+    Example:
+        >>> from stable_baselines3 import PPO
+        >>> model = PPO(KamaActorCriticPolicy, "InvertedPendulum-v5", n_steps=64, batch_size=32,
+        ...             policy_kwargs={"architecture": "kama", "hidden": 16, "num_rotations": 40})
+        >>> type(model.policy.action_net).__name__
+        'KamaLinear'
+    """
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, lr_schedule: Any, *,
+                 architecture: str = "kama", hidden: int = 64, num_rotations: int = 200,
+                 structured_critic: bool = True, learn_planes: bool = False, **kwargs: Any) -> None:
+        check_spaces(observation_space, action_space)
+        self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
+        self.hidden = check_int("hidden", hidden, minimum=1)
+        self.num_rotations = check_int("num_rotations", num_rotations, minimum=1)
+        self.structured_critic = bool(structured_critic)
+        self.learn_planes = bool(learn_planes)
+        kwargs.pop("net_arch", None)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _layer(self, arch: str, i: int, o: int, gain: float) -> nn.Module:
+        return structured_layer(arch, i, o, gain=gain, num_rotations=self.num_rotations,
+                                learn_planes=self.learn_planes)
+
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = StructuredMlpExtractor(self.features_dim, self.hidden, self.architecture,
+                                                    self.num_rotations, self.structured_critic, self.learn_planes,
+                                                    self.activation_fn)
+
+    def _build(self, lr_schedule: Any) -> None:
+        super()._build(lr_schedule)
+        if self.architecture != "mlp":
+            if not isinstance(self.action_dist, DiagGaussianDistribution):  # pragma: no cover - Box only
+                raise ValueError(f"unsupported action distribution {type(self.action_dist).__name__}")
+            action_dim = int(self.action_space.shape[0])
+            self.action_net = self._layer(self.architecture, self.hidden, action_dim, 0.01)
+            if self.structured_critic:
+                self.value_net = self._layer(self.architecture, self.hidden, 1, 1.0)
+            # The new heads must be in the optimizer, or they silently never train.
+            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.pop("net_arch", None)
+        data.update(architecture=self.architecture, hidden=self.hidden, num_rotations=self.num_rotations,
+                    structured_critic=self.structured_critic, learn_planes=self.learn_planes)
+        return data
+
+
+def _count(module: nn.Module) -> int:
+    if isinstance(module, (KamaLinear, ToeplitzLinear)):
+        return module.num_parameters()
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def actor_parameter_count(policy: ActorCriticPolicy) -> int:
+    """Learned parameters of the actor's three matrices as the paper's Table 1 counts them: for KAMA, angles +
+    renormalization scalars + bias per layer; for Toeplitz, diagonals + bias; for dense, weights + bias.
+    ``log_std`` is excluded."""
+    layers = list(policy.mlp_extractor.policy_net) + [policy.action_net]
+    return sum(_count(m) for m in layers if isinstance(m, (nn.Linear, KamaLinear, ToeplitzLinear)))
