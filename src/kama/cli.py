@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--algo-kwargs", default="{}", help='JSON keyword arguments of PPO/TRPO, e.g. {"n_steps": 1024}')
     tr.add_argument("--out", default=None, help="output folder (default: results/rl/ENV-ALGO-POLICY-sSEED)")
+    st = rl_sub.add_parser("study", help="run a sweep of runs from a JSON config; resumes after interruption")
+    st.add_argument("--config", required=True, help="JSON file with StudyConfig fields (see kama.rl.study)")
+    st.add_argument("--out", default="results/rl-study", help="output folder (one subfolder per run)")
+    st.add_argument("--backend", default="local", help="local (process pool) or ray")
+    st.add_argument("--workers", type=int, default=None, help="local worker processes (default: every core)")
+    st.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    st.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -81,10 +88,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rl(args: argparse.Namespace) -> int:
     try:
+        from .rl.study import load_study_config, run_study
         from .rl.train import RunConfig, train
     except ImportError as e:  # pragma: no cover - the rl extra is not installed
         print(f"kama: error: {e}; install the rl extra: pip install 'kama-nn[rl]'", file=sys.stderr)
         return 2
+    if args.rl_command == "study":
+        try:
+            study = load_study_config(args.config)
+            folders = run_study(study, args.out, backend=args.backend, workers=args.workers,
+                                ray_address=args.ray_address, progress=not args.no_progress)
+        except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+            print(f"kama: error: {e}", file=sys.stderr)
+            return 2
+        print(f"{len(folders)} runs under {args.out}")
+        return 0
     try:
         algo_kwargs = json.loads(args.algo_kwargs)
         cfg = RunConfig(env_id=args.env, algo=args.algo, architecture=args.policy, hidden=args.hidden,

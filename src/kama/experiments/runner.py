@@ -19,6 +19,11 @@ def load_experiments() -> dict[str, Any]:
     """Import the experiment modules (each registers itself) and return the registry."""
     from . import capacity, kernels  # noqa: F401
 
+    try:  # the RL experiment needs the rl extra (stable-baselines3, sb3-contrib, gymnasium[mujoco])
+        from . import rl  # noqa: F401
+    except ImportError:  # pragma: no cover - without the rl extra
+        pass
+
     return REGISTRY
 
 

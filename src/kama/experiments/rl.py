@@ -1,0 +1,214 @@
+r"""Compact RL policies (paper section 6.2-6.3): learning curves (Figures 3-4), the K ablation (Figure 5), learned
+vs random planes (6.3), aggregate IQM with stratified-bootstrap confidence intervals, and Table 1 computed
+from the actual models.
+
+Quick mode is a tiny real study (PPO on InvertedPendulum-v5, the three architectures, two seeds); full mode is
+the paper's study (MuJoCo v5 tasks, PPO and TRPO, five seeds, one million steps): about 75 CPU-hours, meant for
+``kama rl study --backend ray`` on a cluster or for a long run (interrupt and rerun: finished runs are kept).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Experiment, RunContext, register, write_csv
+from .plotting import pyplot
+
+LABEL = {"kama": "KAMA", "toeplitz": "Toeplitz", "mlp": "unstructured"}
+PAPER_TABLE1 = {"HalfCheetah-v5": (15, 7), "Walker2d-v5": (15, 7), "Hopper-v5": (17, 8)}
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Configuration of the RL experiment (the fields of :class:`kama.rl.study.StudyConfig`, plus the
+    process count and the Table 1 tasks).
+
+    Attributes:
+        study: keyword arguments of ``StudyConfig``.
+        workers: local worker processes (0: every core).
+        table_tasks: tasks of Table 1 (parameters counted from models; no training).
+        table_rotations: K per algorithm for Table 1 (paper: PPO 200, TRPO 100).
+    """
+
+    study: dict[str, Any] = field(default_factory=dict)
+    workers: int = 0
+    table_tasks: tuple[str, ...] = ("HalfCheetah-v5", "Walker2d-v5", "Hopper-v5")
+    table_rotations: dict[str, int] = field(default_factory=lambda: {"ppo": 200, "trpo": 100})
+
+
+QUICK = RLConfig(study={"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "architectures": ["kama", "toeplitz",
+                                                                                              "mlp"],
+                        "seeds": [0, 1], "total_timesteps": 20_000, "eval_every": 2_000, "eval_episodes": 5,
+                        "algo_kwargs": {"ppo": {"n_steps": 512, "batch_size": 64}}})
+FULL = RLConfig(study={"tasks": ["InvertedPendulum-v5", "InvertedDoublePendulum-v5", "Swimmer-v5", "Hopper-v5",
+                                 "HalfCheetah-v5", "Walker2d-v5"], "algos": ["ppo", "trpo"],
+                       "architectures": ["kama", "toeplitz", "mlp"], "seeds": [0, 1, 2, 3, 4],
+                       "total_timesteps": 1_000_000, "eval_every": 20_000, "eval_episodes": 10})
+
+
+def read_returns(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(timesteps, mean_return)`` arrays of one run folder."""
+    with open(folder / "returns.csv") as f:
+        rows = list(csv.DictReader(f))
+    return (np.array([int(r["timesteps"]) for r in rows]), np.array([float(r["mean_return"]) for r in rows]))
+
+
+def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Interquartile mean of ``scores (runs, tasks)`` and a 95 % stratified-bootstrap interval (runs resampled
+    within each task), as rliable computes them."""
+    from scipy import stats
+
+    def iqm(x: np.ndarray) -> float:
+        return float(stats.trim_mean(x.reshape(-1), 0.25))
+
+    rng = np.random.default_rng(seed)
+    n = scores.shape[0]
+    boot = [iqm(scores[rng.integers(0, n, size=n)[:, None], np.arange(scores.shape[1])[None, :]])
+            for _ in range(reps)]
+    return iqm(scores), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def table1(cfg: RLConfig) -> list[dict[str, Any]]:
+    """Actor parameter ratios structured / unstructured from the actual models (no training)."""
+    from stable_baselines3 import PPO
+
+    from ..rl import KamaActorCriticPolicy, actor_parameter_count
+
+    rows = []
+    for algo, k in cfg.table_rotations.items():
+        hidden = cfg.study.get("hidden", {"ppo": 64, "trpo": 32}).get(algo, 64)
+        for task in cfg.table_tasks:
+            counts = {}
+            for arch in ("kama", "toeplitz", "mlp"):
+                model = PPO(KamaActorCriticPolicy, task, device="cpu",
+                            policy_kwargs={"architecture": arch, "hidden": hidden, "num_rotations": k})
+                counts[arch] = actor_parameter_count(model.policy)
+            rows.append({"algo": algo, "task": task, "hidden": hidden, "K": k, "kama_params": counts["kama"],
+                         "toeplitz_params": counts["toeplitz"], "mlp_params": counts["mlp"],
+                         "kama_ratio": counts["kama"] / counts["mlp"],
+                         "toeplitz_ratio": counts["toeplitz"] / counts["mlp"]})
+    return rows
+
+
+def _curves(runs: list[Any], folders: list[Path]) -> dict[tuple, list[tuple[np.ndarray, np.ndarray]]]:
+    groups: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for r, folder in zip(runs, folders, strict=True):
+        key = (r.env_id, r.algo, r.architecture, r.num_rotations, r.learn_planes)
+        groups.setdefault(key, []).append(read_returns(folder))
+    return groups
+
+
+def _plot_curves(groups: dict, path: Path, title: str, label_of) -> None:
+    plt = pyplot()
+    panels = sorted({(k[0], k[1]) for k in groups})
+    cols = min(3, len(panels))
+    nrow = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(5.2 * cols, 4 * nrow), squeeze=False)
+    for ax, (task, algo) in zip(axes.flat, panels, strict=False):
+        for key in sorted(k for k in groups if k[:2] == (task, algo)):
+            curves = groups[key]
+            n = min(len(c[0]) for c in curves)
+            t = curves[0][0][:n]
+            ys = np.stack([c[1][:n] for c in curves])
+            mean, std = ys.mean(0), ys.std(0)
+            line = ax.plot(t, mean, label=f"{label_of(key)} ({len(curves)} seeds)")[0]
+            ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set(title=f"{task} ({algo.upper()})", xlabel="timesteps", ylabel="evaluation return")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: RLConfig, ctx: RunContext) -> str:
+    from ..rl.study import expand, load_study_config, run_study
+
+    study = load_study_config(cfg.study)
+    runs = expand(study)
+    folders = run_study(study, ctx.out_dir / "runs", workers=cfg.workers or None, progress=False)
+    ctx.bar.update(1)
+    groups = _curves(runs, folders)
+    # Figures 3/4: architectures (default K, random planes)
+    k0 = study.num_rotations[0]
+    main = {k: v for k, v in groups.items() if k[3] == k0 and not k[4]}
+    _plot_curves(main, ctx.out_dir / "learning_curves.png",
+                 "Figures 3-4: KAMA vs Toeplitz vs unstructured policies (mean +/- std over seeds)",
+                 lambda k: LABEL[k[2]])
+    extra = ["![learning curves](rl/learning_curves.png)", ""]
+    if len(study.num_rotations) > 1:
+        abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
+        _plot_curves(abl, ctx.out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
+        extra += ["![K ablation](rl/k_ablation.png)", ""]
+    if len(study.learn_planes) > 1:
+        pl = {k: v for k, v in groups.items() if k[2] == "kama" and k[3] == k0}
+        _plot_curves(pl, ctx.out_dir / "planes.png", "Section 6.3: learned vs random planes",
+                     lambda k: "learned planes" if k[4] else "random planes")
+        extra += ["![planes](rl/planes.png)", ""]
+    # Final returns (mean of the last 3 evaluations) and IQM of scores normalized per task by the best arch.
+    finals = []
+    for r, folder in zip(runs, folders, strict=True):
+        _, y = read_returns(folder)
+        finals.append({"task": r.env_id, "algo": r.algo, "architecture": r.architecture, "K": r.num_rotations,
+                       "learn_planes": r.learn_planes, "seed": r.seed, "final_return": float(np.mean(y[-3:]))})
+    write_csv(ctx.out_dir / "final_returns.csv", finals)
+    t1 = table1(cfg)
+    write_csv(ctx.out_dir / "table1.csv", t1)
+    lines = extra + ["Final return (mean of the last three evaluations; mean +/- std over seeds):", "",
+                     "| task | algo | architecture | K | planes | final return | seeds |",
+                     "|---|---|---|---|---|---|---|"]
+    keys = sorted({(f["task"], f["algo"], f["architecture"], f["K"], f["learn_planes"]) for f in finals})
+    for key in keys:
+        vals = [f["final_return"] for f in finals if (f["task"], f["algo"], f["architecture"], f["K"],
+                                                       f["learn_planes"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {LABEL[key[2]]} | {key[3] if key[2] == 'kama' else '-'} | "
+                     f"{'learned' if key[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
+                     f"{len(vals)} |")
+    # Aggregate: IQM over runs of returns normalized per (task, algo) by the unstructured mean.
+    lines += ["", "Aggregate over tasks: IQM of final returns normalized by the unstructured policy's mean on the "
+              "same task and algorithm, with a 95 % stratified-bootstrap interval:", "",
+              "| algo | architecture | IQM | 95 % CI |", "|---|---|---|---|"]
+    for algo in study.algos:
+        tasks = sorted({f["task"] for f in finals if f["algo"] == algo})
+        base = {t: np.mean([f["final_return"] for f in finals if f["algo"] == algo and f["task"] == t
+                            and f["architecture"] == "mlp"] or [np.nan]) for t in tasks}
+        for arch in study.architectures:
+            cols = []
+            for t in tasks:
+                v = [f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
+                     and f["architecture"] == arch and f["K"] == k0 and not f["learn_planes"]]
+                cols.append(v)
+            n = min(len(c) for c in cols) if cols else 0
+            if n == 0 or any(not np.isfinite(base[t]) or base[t] == 0 for t in tasks):
+                continue
+            mid, lo, hi = iqm_with_ci(np.array([c[:n] for c in cols]).T)
+            lines.append(f"| {algo} | {LABEL[arch]} | {mid:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    lines += ["", "Table 1 (actor parameters relative to the unstructured actor, counted from the models; "
+              "paper's values in brackets):", "", "| algo | task | h | K | KAMA | Toeplitz |",
+              "|---|---|---|---|---|---|"]
+    for r in t1:
+        paper = PAPER_TABLE1.get(r["task"]) if r["algo"] == "ppo" else None
+        p = f" ({paper[0]} %)" if paper else ""
+        q = f" ({paper[1]} %)" if paper else ""
+        lines.append(f"| {r['algo']} | {r['task']} | {r['hidden']} | {r['K']} | {100 * r['kama_ratio']:.1f} %{p} | "
+                     f"{100 * r['toeplitz_ratio']:.1f} %{q} |")
+    lines += ["", f"Config: `{asdict(cfg)}`"]
+    return "\n".join(lines)
+
+
+EXPERIMENT = register(Experiment(
+    name="rl",
+    title="Compact RL policies: learning curves, K ablation, planes, IQM, Table 1 (section 6.2-6.3)",
+    configs={"quick": QUICK, "full": FULL},
+    run=run,
+    num_units=lambda c: 1,
+))

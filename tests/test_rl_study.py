@@ -1,0 +1,108 @@
+"""The RL study runner: config validation, resume after interruption (a killed process), backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("stable_baselines3")
+from kama.cli import main  # noqa: E402
+from kama.rl.study import StudyConfig, expand, is_finished, load_study_config, run_id, run_study  # noqa: E402
+
+TINY = {"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "architectures": ["kama", "mlp"], "seeds": [0],
+        "hidden": {"ppo": 8}, "num_rotations": [10], "total_timesteps": 256, "eval_every": 256,
+        "eval_episodes": 1, "algo_kwargs": {"ppo": {"n_steps": 128, "batch_size": 64}}}
+
+
+def test_expand_and_run_ids():
+    runs = expand(load_study_config({**TINY, "num_rotations": [10, 20], "learn_planes": [False, True],
+                                     "seeds": [0, 1]}))
+    ids = [run_id(r) for r in runs]
+    # kama: 2 K x 2 planes x 2 seeds; mlp: 2 seeds
+    assert len(runs) == 10 and len(set(ids)) == 10
+    assert "InvertedPendulum-v5__ppo__kama-K20-planes__s1" in ids and "InvertedPendulum-v5__ppo__mlp__s0" in ids
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"taks": ["Hopper-v5"]}, "unknown study config key"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"algos": ["sac"]}, "algos must be one of"),
+    ({"architectures": ["lowrank"]}, "architectures must be one of"),
+    ({"num_rotations": [0]}, "num_rotations must be >= 1"),
+    ({"tasks": ["NoSuchEnv-v0"]}, "not a registered gymnasium environment"),
+    ({"seeds": [0, 0]}, "twice"),
+])
+def test_bad_study_configs_fail_before_training(data, match):
+    with pytest.raises(ValueError, match=match):
+        expand(load_study_config({**TINY, **data}))
+
+
+def test_run_study_skips_finished_and_redoes_unfinished(tmp_path):
+    study = load_study_config(TINY)
+    folders = run_study(study, tmp_path, workers=1, progress=False)
+    assert len(folders) == 2 and all(is_finished(f) for f in folders)
+    stamps = {f: (f / "config.json").stat().st_mtime_ns for f in folders}
+    # An interrupted run: config.json exists but is not finished, with a stray partial file.
+    meta = json.loads((folders[1] / "config.json").read_text())
+    meta["finished"] = False
+    (folders[1] / "config.json").write_text(json.dumps(meta))
+    (folders[1] / "partial.tmp").write_text("half")
+    run_study(study, tmp_path, workers=1, progress=False)
+    assert (folders[0] / "config.json").stat().st_mtime_ns == stamps[folders[0]]  # not redone
+    assert is_finished(folders[1]) and not (folders[1] / "partial.tmp").exists()  # redone from scratch
+    assert json.loads((tmp_path / "study.json").read_text())["total_timesteps"] == 256
+
+
+def test_killed_study_resumes(tmp_path):
+    cfg = {**TINY, "architectures": ["mlp"], "seeds": [0, 1, 2], "total_timesteps": 1024, "eval_every": 512}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kama.cli", "rl", "study", "--config", str(path), "--out", str(out),
+           "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    first = out / "InvertedPendulum-v5__ppo__mlp__s0"
+    while time.time() < deadline and not is_finished(first):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert is_finished(first)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    unfinished = [s for s in (1, 2) if not is_finished(out / f"InvertedPendulum-v5__ppo__mlp__s{s}")]
+    assert unfinished, "the study finished before it could be killed"
+    assert main(["rl", "study", "--config", str(path), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert all(is_finished(out / f"InvertedPendulum-v5__ppo__mlp__s{s}") for s in (0, 1, 2))
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_process_pool_backend(tmp_path):
+    folders = run_study(load_study_config(TINY), tmp_path, workers=2, progress=False)
+    assert all(is_finished(f) for f in folders)
+
+
+def test_ray_backend_matches_local(tmp_path):
+    pytest.importorskip("ray")
+    study = load_study_config({**TINY, "architectures": ["kama"]})
+    local = run_study(study, tmp_path / "local", workers=1, progress=False)
+    ray_runs = run_study(study, tmp_path / "ray", backend="ray", progress=False)
+    for a, b in zip(local, ray_runs, strict=True):
+        ra = [line.split(",")[:2] for line in (a / "returns.csv").read_text().splitlines()]
+        rb = [line.split(",")[:2] for line in (b / "returns.csv").read_text().splitlines()]
+        assert ra == rb and is_finished(b)
+
+
+def test_cli_study_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"unknown": 1}))
+    assert main(["rl", "study", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown study config key" in capsys.readouterr().err
+    assert main(["rl", "study", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_study(StudyConfig(), tmp_path, backend="slurm")
