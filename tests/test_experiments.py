@@ -13,8 +13,8 @@ from kama.cli import main
 from kama.experiments import capacity
 from kama.experiments.base import RunContext
 
-TINY = ["--set", "capacity.walks=200", "--set", "capacity.dims=[8]", "--set", "capacity.ratios=[0.5, 2]",
-        "--set", "capacity.fit_ratios=[1, 4]", "--set", "capacity.fit_steps=50"]
+TINY = ["--only", "capacity", "--set", "capacity.walks=200", "--set", "capacity.dims=[8]",
+        "--set", "capacity.ratios=[0.5, 2]", "--set", "capacity.fit_ratios=[1, 4]", "--set", "capacity.fit_steps=50"]
 
 
 def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
@@ -28,6 +28,10 @@ def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
         assert (out / "capacity" / name).stat().st_size > 0, name
     done = json.loads((out / "capacity" / "done.json").read_text())
     assert done["config"]["seed"] == 0 and done["git_commit"] and done["kama_version"]
+    for name in ("kernel_approx/figure1_pointwise_mse.png", "kernel_approx/figure2_gram_error.png",
+                 "png_gap/png_gap.png", "k_ablation/k_ablation.png", "feature_speed/feature_speed.png",
+                 "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv"):
+        assert (out / name).stat().st_size > 0, name
     header = (out / "capacity" / "capacity_mixing.csv").read_text().splitlines()[0]
     assert header.split(",")[:4] == ["d", "ratio", "k", "ks"]
 
@@ -49,7 +53,7 @@ def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, capsys):
     assert [u.stat().st_mtime_ns for u in units] == stamps
     # A different config does not reuse units; --force recomputes.
     assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", *TINY[:-2],
-                 "--set", "capacity.fit_steps=60"]) == 0
+                 "--set", "capacity.fit_steps=60"]) == 0  # TINY ends with the fit_steps override
     assert "0 stored units reused" in (out / "report.md").read_text()
     assert main(["reproduce", "--quick", "--out", str(out), "--no-progress", "--force", *TINY]) == 0
     assert "0 stored units reused" in (out / "report.md").read_text()
@@ -70,6 +74,8 @@ def test_corrupt_unit_is_recomputed(tmp_path):
         (["reproduce", "--only", "nope"], "unknown experiment"),
         (["reproduce", "--set", "capacity.bogus=1"], "unknown config field"),
         (["reproduce", "--only", "capacity", "--set", "other.x=1"], "not being run"),
+        (["reproduce", "--only", "capacity", "--set", "capacity.walks=abc"], "capacity.walks must be"),
+        (["reproduce", "--only", "capacity", "--set", "capacity.dims=5"], "capacity.dims must be"),
     ],
 )
 def test_cli_bad_input(tmp_path, capsys, argv, message):
@@ -157,3 +163,16 @@ def test_png_gap_is_positive_and_order_one_over_d():
         # the gap times d is positive (beyond 3 s.e.) and below the URN MSE times d
         assert row[f"{f}_gap_x_d"] > 3 * row[f"{f}_gap_x_d_se"]
         assert row[f"{f}_gap_x_d"] < row[f"{f}_urn_mse_x_d"]
+
+
+def test_iqm_with_stratified_bootstrap():
+    import numpy as np
+
+    from kama.experiments.rl import iqm_with_ci
+
+    scores = np.arange(1, 9, dtype=float)[:, None] * np.ones((1, 2))  # 8 runs x 2 tasks
+    mid, lo, hi = iqm_with_ci(scores, reps=500)
+    assert mid == 4.5  # the mean of the middle half of 1..8 (each twice)
+    assert lo < mid < hi
+    const = np.full((5, 3), 2.0)
+    assert iqm_with_ci(const, reps=50) == (2.0, 2.0, 2.0)

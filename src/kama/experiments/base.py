@@ -156,8 +156,25 @@ class Experiment:
                 raise ValueError(f"unknown config field(s) {unknown} for experiment {self.name!r}; known: "
                                  f"{sorted(names)}")
             overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+            for k, v in overrides.items():
+                _check_override(f"{self.name}.{k}", getattr(cfg, k), v)
             cfg = dataclasses.replace(cfg, **overrides)
         return cfg
+
+
+def _check_override(name: str, default: Any, value: Any) -> None:
+    """An override must have the kind of value its field has (number, flag, text, list or mapping)."""
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "true or false"), ((int, float), "a number"), (str, "a string"), (tuple, "a list"),
+        (dict, "a mapping")]
+    for kind, words in kinds:
+        if isinstance(default, kind):
+            ok = isinstance(value, kind) and not (kind == (int, float) and isinstance(value, bool))
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                ok = value.is_integer()
+            if not ok:
+                raise ValueError(f"{name} must be {words} like its default {default!r}, got {value!r}")
+            return
 
 
 REGISTRY: dict[str, Experiment] = {}

@@ -109,7 +109,7 @@ def _plot_curves(groups: dict, path: Path, title: str, label_of) -> None:
     panels = sorted({(k[0], k[1]) for k in groups})
     cols = min(3, len(panels))
     nrow = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(5.2 * cols, 4 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, cols, figsize=(max(5.2 * cols, 9.0), 4 * nrow), squeeze=False)
     for ax, (task, algo) in zip(axes.flat, panels, strict=False):
         for key in sorted(k for k in groups if k[:2] == (task, algo)):
             curves = groups[key]
