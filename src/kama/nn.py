@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 from ._checks import check_int
 from .givens import (
+    GEMM_FLOPS,
+    WALK_FLOPS,
     GivensPlan,
     _c_backward,
     _c_forward,
@@ -237,28 +239,28 @@ class KamaLinear(nn.Module):
         return plan
 
     # ------------------------------------------------------------------------------------------------------
-    # Inference cache: without gradients, a materialized W is reused while pairs, angles and scale keep their
-    # values. Validity is checked by value (O(k) per call), not by tensor versions: writes through ``.data``
-    # (TRPO's line search does this) do not bump versions.
+    # Inference cache: without gradients, a materialized W is reused while angles and scale keep their values
+    # and pairs is untouched. Angles and scalars are checked by value (O(k) per call), not by tensor versions:
+    # writes through ``.data`` (TRPO's line search does this) do not bump versions.
     def _dense_wins(self, n_rows: int) -> bool:
-        from .givens import GEMM_FLOPS, WALK_FLOPS, cpu_kernel_available
-
         walk = WALK_FLOPS["cpu" if self.angles.device.type == "cpu" and cpu_kernel_available() else "reference"]
         dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS
         walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
         return dense_s < walk_s
 
     def _cached_dense(self) -> torch.Tensor:
-        key = (self.pairs, self.angles, self.scale)
+        a, sc, p = self.angles, self.scale, self.pairs
         cache = self.__dict__.get("_dense_cache")
         if cache is not None:
-            old_key, w = cache
-            if all(a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-                   for a, b in zip(old_key, key, strict=True)):
+            ca, cs, pkey, w = cache
+            # Angles and scalars by value (optimizers and ``.data`` writes both change them); the pairs buffer,
+            # written only in place by this module or by load_state_dict, by storage and version.
+            if (p.data_ptr(), p._version) == pkey and ca.dtype == a.dtype and ca.device == a.device \
+                    and torch.equal(ca, a) and torch.equal(cs, sc):
                 return w
         with torch.no_grad():
             w = self.to_dense()
-        self.__dict__["_dense_cache"] = (tuple(t.detach().clone() for t in key), w)
+        self.__dict__["_dense_cache"] = (a.detach().clone(), sc.detach().clone(), (p.data_ptr(), p._version), w)
         return w
 
     def __getstate__(self) -> dict:
@@ -352,11 +354,13 @@ class KamaLinear(nn.Module):
 
 def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            plan: GivensPlan, out_features: int) -> torch.Tensor:
-    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes."""
+    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes (``auto``
+    backend: for large batches and small ``n``, as in TRPO's Hessian-vector products over a whole rollout, the
+    matrix is materialized once and the recorded graph is a GEMM)."""
     n, in_features = plan.d, x.shape[-1]
     if out_features > in_features:
         x = F.pad(x * scale, (0, n - in_features))
-    y = givens_apply(x, plan, angles, backend="reference")
+    y = givens_apply(x, plan, angles)
     if out_features <= in_features:
         y = y[..., :out_features] * scale
     return y + bias if bias is not None else y

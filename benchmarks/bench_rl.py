@@ -1,0 +1,77 @@
+"""Training throughput (environment steps per second) of PPO and TRPO with KAMA, Toeplitz and MLP policies.
+
+Usage::
+
+    python benchmarks/bench_rl.py [--env Hopper-v5] [--steps 8192] [--repeats 3] [--threads 1]
+                                  [--write BENCHMARKS.md]
+
+Each measurement trains a fresh model for ``--steps`` steps (rollouts and updates, SB3 defaults: PPO h = 64,
+K = 200; TRPO h = 32, K = 100) and reports steps / second; medians over ``--repeats``; ratios against the MLP
+policy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench_features import replace_section
+from kama.experiments.base import git_commit
+from kama.rl.train import RunConfig, make_model
+
+MARK_BEGIN = "<!-- bench_rl:begin -->"
+MARK_END = "<!-- bench_rl:end -->"
+
+
+def steps_per_second(env: str, algo: str, arch: str, steps: int, seed: int) -> float:
+    hidden, k = (64, 200) if algo == "ppo" else (32, 100)
+    model = make_model(RunConfig(env_id=env, algo=algo, architecture=arch, hidden=hidden, num_rotations=k,
+                                 seed=seed))
+    t0 = time.perf_counter()
+    model.learn(steps)
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="Hopper-v5")
+    ap.add_argument("--steps", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for algo in ("ppo", "trpo"):
+        res = {}
+        for arch in ("mlp", "kama", "toeplitz"):
+            res[arch] = statistics.median(steps_per_second(args.env, algo, arch, args.steps, s)
+                                          for s in range(args.repeats))
+            print(f"{algo} {arch}: {res[arch]:.0f} steps/s (x{res[arch] / res['mlp']:.2f} vs MLP)", flush=True)
+        rows.append((algo, res))
+    cmd = (f"python benchmarks/bench_rl.py --env {args.env} --steps {args.steps} --repeats {args.repeats} "
+           f"--threads {args.threads}")
+    lines = [MARK_BEGIN, f"Command: `{cmd}`  ",
+             f"Machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; commit "
+             f"`{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+             f"Environment steps per second while training on {args.env} (rollouts + updates, SB3 defaults), "
+             "median of fresh runs; ratio against the MLP policy in the same run.", "",
+             "| algorithm | MLP steps/s | KAMA steps/s | KAMA / MLP | Toeplitz steps/s | Toeplitz / MLP |",
+             "|---|---|---|---|---|---|"]
+    for algo, r in rows:
+        lines.append(f"| {algo.upper()} | {r['mlp']:.0f} | {r['kama']:.0f} | {r['kama'] / r['mlp']:.2f} | "
+                     f"{r['toeplitz']:.0f} | {r['toeplitz'] / r['mlp']:.2f} |")
+    lines.append(MARK_END)
+    if args.write:
+        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
