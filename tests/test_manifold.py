@@ -95,7 +95,7 @@ def test_generic_callable_matches_structured():
     # Brockett's line function has period pi: t and t + pi are both minima (columns change sign), so compare
     # objectives and gradients, not the matrices.
     for hs, hg in zip(s.history, g.history, strict=True):
-        assert hg["objective"] == pytest.approx(hs["objective"], rel=1e-9, abs=1e-9)
+        assert hg["objective"] == pytest.approx(hs["objective"], rel=1e-7, abs=1e-9)  # 1-D search tolerance
         assert hg["grad_norm_sq"] == pytest.approx(hs["grad_norm_sq"], rel=1e-6, abs=1e-9)
         assert hg["bound"] is None
     e = givens_coordinate_descent(f, d=d, steps=3, rule="exact")
