@@ -96,7 +96,7 @@ def test_generic_callable_matches_structured():
     # objectives and gradients, not the matrices.
     for hs, hg in zip(s.history, g.history, strict=True):
         assert hg["objective"] == pytest.approx(hs["objective"], rel=1e-7, abs=1e-9)  # 1-D search tolerance
-        assert hg["grad_norm_sq"] == pytest.approx(hs["grad_norm_sq"], rel=1e-6, abs=1e-9)
+        assert hg["grad_norm_sq"] == pytest.approx(hs["grad_norm_sq"], rel=1e-4, abs=1e-6)
         assert hg["bound"] is None
     e = givens_coordinate_descent(f, d=d, steps=3, rule="exact")
     assert all(h["decrease"] >= -1e-12 for h in e.history)
