@@ -13,28 +13,12 @@ KAMA speed-up against URN and ORN in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 from pathlib import Path
 
 import torch
 
-from kama.experiments.base import git_commit
+from _bench import provenance_lines, write_section
 from kama.experiments.kernels import LABELS, ORDER, featurize_seconds
-
-MARK_BEGIN = "<!-- bench_features:begin -->"
-MARK_END = "<!-- bench_features:end -->"
-
-
-def replace_section(path: Path, begin: str, end: str, block: str) -> None:
-    """Replace the text between ``begin`` and ``end`` in ``path`` (appending the block if absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        a, b = text.index(begin), text.index(end) + len(end)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -55,19 +39,14 @@ def main() -> None:
               flush=True)
     cmd = (f"python benchmarks/bench_features.py --n {args.n} --dims {' '.join(map(str, args.dims))} "
            f"--threads {args.threads} --repeats {args.repeats}")
-    lines = [MARK_BEGIN, f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; commit "
-             f"`{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+    lines = [*provenance_lines(cmd, args.threads),
              f"Median ms to sample an m = d matrix and featurize N = {args.n} points with sign(X W^T), float32.", "",
              "| d | " + " | ".join(f"{LABELS[s]} ms" for s in ORDER) + " | KAMA speed-up vs URN | vs ORN |",
              "|---|" + "---|" * (len(ORDER) + 2)]
     for d, t in rows:
         lines.append(f"| {d} | " + " | ".join(f"{1e3 * t[s]:.1f}" for s in ORDER)
                      + f" | {t['gaussian'] / t['kama']:.2f} | {t['orthogonal'] / t['kama']:.2f} |")
-    lines.append(MARK_END)
-    if args.write:
-        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
-        print(f"wrote {args.write}")
+    write_section(args.write, "bench_features", lines)
 
 
 if __name__ == "__main__":

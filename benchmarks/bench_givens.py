@@ -19,11 +19,9 @@ peak RSS during ``backward()`` minus the RSS just before it, via ``/proc/self/cl
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,11 +31,7 @@ from pathlib import Path
 import torch
 
 import kama
-from bench_features import replace_section
-from kama.experiments.base import git_commit
-
-MARK_BEGIN = "<!-- bench_givens:begin -->"
-MARK_END = "<!-- bench_givens:end -->"
+from _bench import provenance_lines, write_section
 
 
 def median_time(fn, repeats: int) -> float:
@@ -206,10 +200,7 @@ def main() -> None:
          f"--backends {' '.join(args.backends)}", f"--threads {' '.join(map(str, args.threads))}",
          f"--repeats {args.repeats}"])
     lines = [
-        MARK_BEGIN,
-        f"Command: `{cmd}`  ",
-        f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {len(args.threads)} thread setting(s) "
-        f"{args.threads}, torch {torch.__version__}; commit `{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+        *provenance_lines(cmd, " and ".join(map(str, args.threads))),
         "Times are medians; *speed-up* = nn.Linear time / backend time in the same run (> 1 is faster than "
         "dense). k = ceil(5 d ln d); GFLOP/s count 6 flops per rotation per vector (forward). `python-loop` is "
         "timed on a 300-rotation prefix and scaled to k.",
@@ -233,10 +224,7 @@ def main() -> None:
               "|---|---|---|---|---|---|"]
     lines += [f"| {m['backend']} | {m['d']} | {m['batch']} | {m['k']} | {m['extra_bytes'] / 2**20:.2f} | "
               f"{m['ratio']:.2f} |" for m in mem]
-    lines.append(MARK_END)
-    if args.write:
-        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
-        print(f"wrote {args.write}")
+    write_section(args.write, "bench_givens", lines)
 
 
 if __name__ == "__main__":

@@ -12,20 +12,14 @@ Structured objective (Brockett, the O(d^2)-per-step path) and the same objective
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
-from bench_features import replace_section
-from kama.experiments.base import git_commit
+from _bench import provenance_lines, write_section
 from kama.experiments.manifold import _problem, riemannian_gd
 from kama.manifold import givens_coordinate_descent
-
-MARK_BEGIN = "<!-- bench_manifold:begin -->"
-MARK_END = "<!-- bench_manifold:end -->"
 
 
 def per_step(history: list[dict]) -> float:
@@ -58,15 +52,10 @@ def main() -> None:
     for name, sec in rows:
         print(f"d={args.d} {name}: {1e3 * sec:.3f} ms/step", flush=True)
     cmd = f"python benchmarks/bench_manifold.py --d {args.d} --steps {args.steps} --threads {args.threads}"
-    lines = [MARK_BEGIN, f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; commit "
-             f"`{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+    lines = [*provenance_lines(cmd, args.threads),
              f"Median wall time of one step at d = {args.d} (float64).", "", "| method | ms / step |", "|---|---|"]
     lines += [f"| {name} | {1e3 * sec:.3f} |" for name, sec in rows]
-    lines.append(MARK_END)
-    if args.write:
-        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
-        print(f"wrote {args.write}")
+    write_section(args.write, "bench_manifold", lines)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,14 @@ policy measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench_features import replace_section
-from kama.experiments.base import git_commit
+from _bench import provenance_lines, write_section
 from kama.rl.train import RunConfig, make_model
-
-MARK_BEGIN = "<!-- bench_rl:begin -->"
-MARK_END = "<!-- bench_rl:end -->"
 
 
 def steps_per_second(env: str, algo: str, arch: str, steps: int, seed: int) -> float:
@@ -57,9 +51,7 @@ def main() -> None:
         rows.append((algo, res))
     cmd = (f"python benchmarks/bench_rl.py --env {args.env} --steps {args.steps} --repeats {args.repeats} "
            f"--threads {args.threads}")
-    lines = [MARK_BEGIN, f"Command: `{cmd}`  ",
-             f"Machine: {platform.machine()}, {args.threads} thread(s), torch {torch.__version__}; commit "
-             f"`{git_commit()}`; {datetime.date.today().isoformat()}.  ",
+    lines = [*provenance_lines(cmd, args.threads),
              f"Environment steps per second while training on {args.env} (rollouts + updates, SB3 defaults), "
              "median of fresh runs; ratio against the MLP policy in the same run.", "",
              "| algorithm | MLP steps/s | KAMA steps/s | KAMA / MLP | Toeplitz steps/s | Toeplitz / MLP |",
@@ -67,10 +59,7 @@ def main() -> None:
     for algo, r in rows:
         lines.append(f"| {algo.upper()} | {r['mlp']:.0f} | {r['kama']:.0f} | {r['kama'] / r['mlp']:.2f} | "
                      f"{r['toeplitz']:.0f} | {r['toeplitz'] / r['mlp']:.2f} |")
-    lines.append(MARK_END)
-    if args.write:
-        replace_section(args.write, MARK_BEGIN, MARK_END, "\n".join(lines))
-        print(f"wrote {args.write}")
+    write_section(args.write, "bench_rl", lines)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,20 @@ static int check_pairs(const int32_t *ii, const int32_t *jj, int64_t k, int64_t 
 /* transpose.                                                                                            */
 /* ---------------------------------------------------------------------------------------------------- */
 
+/* 0 if the sizes and every index are valid, else -1 with a Python ValueError set. */
+static int check_args(long long n, long long d, long long k, long long tile, unsigned long long ii,
+                      unsigned long long jj) {
+    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
+        return -1;
+    }
+    if (check_pairs((const int32_t *)ii, (const int32_t *)jj, k, d)) {
+        PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     unsigned long long x, y, ii, jj, c, s, scale = 0;
     long long n, d, k, tile;
@@ -303,18 +317,11 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKLLKKKKLLiii|K", &x, &y, &n, &d, &ii, &jj, &c, &s, &k, &tile, &nthreads,
                           &is_double, &transpose, &scale))
         return NULL;
-    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
-        return NULL;
-    }
-    if (check_pairs((const int32_t *)ii, (const int32_t *)jj, k, d)) {
-        PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
-        return NULL;
-    }
+    if (check_args(n, d, k, tile, ii, jj)) return NULL;
     if (n == 0) Py_RETURN_NONE;
-    job_t proto = {(const void *)x, (void *)y, NULL, NULL, NULL, (const int32_t *)ii, (const int32_t *)jj,
-                   (const void *)c, (const void *)s, (const void *)scale, n, d, k, !transpose,
-                   transpose ? -1.0 : 1.0, tile, 0, 0, 0, 0};
+    job_t proto = {.x = (const void *)x, .y = (void *)y, .ii = (const int32_t *)ii, .jj = (const int32_t *)jj,
+                   .c = (const void *)c, .s = (const void *)s, .scale = (const void *)scale, .n = n, .d = d,
+                   .k = k, .reverse = !transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
@@ -330,19 +337,12 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKLLKKKKLLiii", &y, &gy, &gx, &gacc, &n, &d, &ii, &jj, &c, &s, &k, &tile,
                           &nthreads, &is_double, &transpose))
         return NULL;
-    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
-        return NULL;
-    }
-    if (check_pairs((const int32_t *)ii, (const int32_t *)jj, k, d)) {
-        PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
-        return NULL;
-    }
+    if (check_args(n, d, k, tile, ii, jj)) return NULL;
     if (n == 0) Py_RETURN_NONE;
-    job_t proto = {(const void *)y, NULL, (const void *)gy, (void *)gx, (double *)gacc, (const int32_t *)ii,
-                   (const int32_t *)jj, (const void *)c, (const void *)s, NULL, n, d, k, !transpose,
-                   transpose ? -1.0 : 1.0, tile, 0, 0, 0, 0};
-    proto.y = (void *)y; /* the worker reads the saved output through j->y */
+    /* the worker reads the saved output through j->y */
+    job_t proto = {.y = (void *)y, .gy = (const void *)gy, .gx = (void *)gx, .gacc = (double *)gacc,
+                   .ii = (const int32_t *)ii, .jj = (const int32_t *)jj, .c = (const void *)c, .s = (const void *)s,
+                   .n = n, .d = d, .k = k, .reverse = !transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
