@@ -27,6 +27,7 @@ An estimator of :math:`K_f(x, y) = E[f(g^\top x) f(g^\top y)]` is the inner prod
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -83,7 +84,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return (y.reshape(*lead, p) / math.sqrt(p)) if p > 1 else y.reshape(*lead, p)
 
 
-class RandomMatrix:
+class RandomMatrix(ABC):
     """An ``m x d`` random matrix that applies itself to batches in its natural fast form.
 
     Args:
@@ -112,9 +113,9 @@ class RandomMatrix:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
+    @abstractmethod
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ W.T``: ``(..., d) -> (..., m)``."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def to_dense(self) -> torch.Tensor:
         """The ``(m, d)`` matrix (by applying the operator to the identity)."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,24 +97,28 @@ def minimize_trig(a1: float, b1: float, a2: float = 0.0, b2: float = 0.0) -> flo
     return min(cands, key=f)
 
 
-class _Structured:
+class _Structured(ABC):
     """An objective whose line function is a trigonometric polynomial with incrementally updated state."""
 
     d: int
 
-    def value(self, m: torch.Tensor) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def value(self, m: torch.Tensor) -> float:
+        """``F(m)``."""
 
-    def start(self, m: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def start(self, m: torch.Tensor) -> None:
+        """Initialize the incremental state at ``m``."""
 
-    def update(self, i: int, j: int, t: float) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def update(self, i: int, j: int, t: float) -> None:
+        """Follow ``M <- M G(i, j, t)`` in ``O(d)``."""
 
-    def line(self) -> tuple[torch.Tensor, ...]:  # pragma: no cover - abstract
-        """``(a1, b1, a2, b2)``: ``d x d`` matrices of coefficients of ``F(M G(i, j, t)) - F(M)`` plus constant
-        terms, for every pair ``i < j`` (entries ``[i, j]``)."""
-        raise NotImplementedError
+    @abstractmethod
+    def line(self) -> tuple[torch.Tensor, ...]:
+        """``(a1, b1, a2, b2)``: ``d x d`` coefficient matrices with
+        ``F(M G(i, j, t)) - F(M) = a1 (cos t - 1) + b1 sin t + a2 (cos 2t - 1) + b2 sin 2t`` (entries ``[i, j]``,
+        ``i < j``)."""
 
 
 class Linear(_Structured):
@@ -144,7 +149,7 @@ class Linear(_Structured):
 
     def line(self) -> tuple[torch.Tensor, ...]:
         diag = torch.diagonal(self.p)
-        a1 = diag[:, None] + diag[None, :] - 0.0  # P_ii + P_jj
+        a1 = diag[:, None] + diag[None, :]  # P_ii + P_jj
         b1 = self.p - self.p.T  # P_ij - P_ji
         zero = torch.zeros_like(a1)
         return a1, b1, zero, zero
