@@ -182,3 +182,40 @@ def test_cli_rl_train(tmp_path, capsys):
     assert (out / "returns.csv").exists() and json.loads((out / "config.json").read_text())["finished"]
     assert main(["rl", "train", "--env", "NoSuchEnv-v0", "--out", str(tmp_path / "x")]) == 2
     assert "not a registered" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["kama", "toeplitz", "mlp"])
+def test_fast_actor_equals_the_torch_policy(arch):
+    from kama.rl.fast import FastActor
+
+    m = PPO(KamaActorCriticPolicy, "HalfCheetah-v5", device="cpu",
+            policy_kwargs={"architecture": arch, "hidden": 64, "num_rotations": 200})
+    with torch.no_grad():  # make the heads non-trivial
+        for p in m.policy.action_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fast = FastActor.from_policy(m.policy)
+    obs = np.random.default_rng(0).normal(size=(50, 17))
+    with torch.no_grad():
+        t = torch.as_tensor(obs, dtype=torch.float32)
+        ref = m.policy.action_net(m.policy.mlp_extractor.forward_actor(t)).double().numpy()
+    np.testing.assert_allclose(fast(obs), ref, rtol=1e-4, atol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(fast(obs[i]), ref[i], rtol=1e-4, atol=1e-5)
+    # deterministic SB3 actions are the (clipped) means
+    act, _ = m.predict(obs[:1].astype(np.float32), deterministic=True)
+    np.testing.assert_allclose(np.clip(fast(obs[0]), -1, 1), act[0], rtol=1e-4, atol=1e-5)
+    # after an update, refresh() follows the parameters
+    with torch.no_grad():
+        for p in m.policy.parameters():
+            p.add_(0.1)
+    fast.refresh()
+    with torch.no_grad():
+        ref2 = m.policy.action_net(m.policy.mlp_extractor.forward_actor(t)).double().numpy()
+    np.testing.assert_allclose(fast(obs), ref2, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_actor_rejects_unknown_modules():
+    from kama.rl.fast import FastActor
+
+    with pytest.raises(TypeError, match="unsupported module Softmax"):
+        FastActor([torch.nn.Linear(3, 3), torch.nn.Softmax(dim=-1)])

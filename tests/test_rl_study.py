@@ -106,3 +106,13 @@ def test_cli_study_errors(tmp_path, capsys):
     assert main(["rl", "study", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(ValueError, match="backend must be one of"):
         run_study(StudyConfig(), tmp_path, backend="slurm")
+
+
+def test_report_from_study_folders(tmp_path):
+    study = load_study_config(TINY)
+    run_study(study, tmp_path / "s", workers=1, progress=False)
+    assert main(["rl", "report", "--study", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "learning_curves.png" in text and "Table 1" in text and "| InvertedPendulum-v5 | ppo | KAMA |" in text
+    assert (tmp_path / "r" / "learning_curves.png").stat().st_size > 0
+    assert main(["rl", "report", "--study", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2

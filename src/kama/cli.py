@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--workers", type=int, default=None, help="local worker processes (default: every core)")
     st.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     st.add_argument("--no-progress", action="store_true")
+    rp = rl_sub.add_parser("report", help="figures, CSVs and report.md from finished study folders (no training)")
+    rp.add_argument("--study", nargs="+", required=True, metavar="DIR",
+                    help="study folders written by `kama rl study` (each holds study.json)")
+    rp.add_argument("--out", required=True, help="output folder")
     return parser
 
 
@@ -93,6 +98,22 @@ def _rl(args: argparse.Namespace) -> int:
     except ImportError as e:  # pragma: no cover - the rl extra is not installed
         print(f"kama: error: {e}; install the rl extra: pip install 'kama-nn[rl]'", file=sys.stderr)
         return 2
+    if args.rl_command == "report":
+        from .experiments.base import atomic_write_text, provenance
+        from .experiments.rl import report
+
+        try:
+            studies = [(load_study_config(Path(d) / "study.json"), Path(d)) for d in args.study]
+            body = report(studies, Path(args.out))
+        except (ValueError, OSError, json.JSONDecodeError) as e:
+            print(f"kama: error: {e}", file=sys.stderr)
+            return 2
+        prov = provenance()
+        head = (f"# RL study report\n\nFrom {', '.join(args.study)}; generated {prov['time_utc']} at commit "
+                f"`{prov['git_commit']}` (kama {prov['kama_version']}).\n\n")
+        atomic_write_text(Path(args.out) / "report.md", head + body + "\n")
+        print(f"report: {Path(args.out) / 'report.md'}")
+        return 0
     if args.rl_command == "study":
         try:
             study = load_study_config(args.config)

@@ -21,6 +21,7 @@ from .base import Experiment, RunContext, register, write_csv
 from .plotting import pyplot
 
 LABEL = {"kama": "KAMA", "toeplitz": "Toeplitz", "mlp": "unstructured"}
+ARCH_ORDER = ("kama", "toeplitz", "mlp")
 PAPER_TABLE1 = {"HalfCheetah-v5": (15, 7), "Walker2d-v5": (15, 7), "Hopper-v5": (17, 8)}
 
 
@@ -131,38 +132,63 @@ def _plot_curves(groups: dict, path: Path, title: str, label_of) -> None:
 
 
 def run(cfg: RLConfig, ctx: RunContext) -> str:
-    from ..rl.study import expand, load_study_config, run_study
+    from ..rl.study import load_study_config, run_study
 
     study = load_study_config(cfg.study)
-    runs = expand(study)
-    folders = run_study(study, ctx.out_dir / "runs", workers=cfg.workers or None, progress=False)
+    run_study(study, ctx.out_dir / "runs", workers=cfg.workers or None, progress=False)
     ctx.bar.update(1)
+    return report([(study, ctx.out_dir / "runs")], ctx.out_dir, cfg, link_prefix="rl/") + f"\n\nConfig: `{asdict(cfg)}`"
+
+
+def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK, link_prefix: str = "") -> str:
+    """Figures, CSVs and a Markdown summary of finished runs of one or more studies (no training).
+
+    Args:
+        studies: ``(StudyConfig, folder)`` pairs; unfinished runs are left out and counted.
+        out_dir: where figures and CSVs go.
+        cfg: supplies the Table 1 tasks and K.
+        link_prefix: prefix of the image links in the returned Markdown.
+    """
+    from ..rl.study import expand, is_finished, run_id
+
+    runs, folders, missing = [], [], 0
+    for study, folder in studies:
+        for r in expand(study):
+            f = Path(folder) / run_id(r)
+            if is_finished(f):
+                runs.append(r)
+                folders.append(f)
+            else:
+                missing += 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        return f"No finished run yet ({missing} unfinished)."
     groups = _curves(runs, folders)
-    # Figures 3/4: architectures (default K, random planes)
-    k0 = study.num_rotations[0]
-    main = {k: v for k, v in groups.items() if k[3] == k0 and not k[4]}
-    _plot_curves(main, ctx.out_dir / "learning_curves.png",
+    default_k = {(r.env_id, r.algo): r.num_rotations for r in reversed(runs) if r.architecture == "kama"}
+    main = {k: v for k, v in groups.items() if not k[4] and (k[2] != "kama" or k[3] == default_k.get(k[:2]))}
+    _plot_curves(main, out_dir / "learning_curves.png",
                  "Figures 3-4: KAMA vs Toeplitz vs unstructured policies (mean +/- std over seeds)",
                  lambda k: LABEL[k[2]])
-    extra = ["![learning curves](rl/learning_curves.png)", ""]
-    if len(study.num_rotations) > 1:
-        abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
-        _plot_curves(abl, ctx.out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
-        extra += ["![K ablation](rl/k_ablation.png)", ""]
-    if len(study.learn_planes) > 1:
-        pl = {k: v for k, v in groups.items() if k[2] == "kama" and k[3] == k0}
-        _plot_curves(pl, ctx.out_dir / "planes.png", "Section 6.3: learned vs random planes",
-                     lambda k: "learned planes" if k[4] else "random planes")
-        extra += ["![planes](rl/planes.png)", ""]
-    # Final returns (mean of the last 3 evaluations) and IQM of scores normalized per task by the best arch.
+    extra = [f"![learning curves]({link_prefix}learning_curves.png)", ""]
+    if missing:
+        extra += [f"{missing} run(s) not finished yet are left out.", ""]
+    abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
+    if len({k[3] for k in abl}) > 1:
+        _plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
+        extra += [f"![K ablation]({link_prefix}k_ablation.png)", ""]
+    pl = {k: v for k, v in groups.items() if k[2] == "kama"}
+    if len({k[4] for k in pl}) > 1:
+        _plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
+                     lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}")
+        extra += [f"![planes]({link_prefix}planes.png)", ""]
     finals = []
     for r, folder in zip(runs, folders, strict=True):
         _, y = read_returns(folder)
         finals.append({"task": r.env_id, "algo": r.algo, "architecture": r.architecture, "K": r.num_rotations,
                        "learn_planes": r.learn_planes, "seed": r.seed, "final_return": float(np.mean(y[-3:]))})
-    write_csv(ctx.out_dir / "final_returns.csv", finals)
+    write_csv(out_dir / "final_returns.csv", finals)
     t1 = table1(cfg)
-    write_csv(ctx.out_dir / "table1.csv", t1)
+    write_csv(out_dir / "table1.csv", t1)
     lines = extra + ["Final return (mean of the last three evaluations; mean +/- std over seeds):", "",
                      "| task | algo | architecture | K | planes | final return | seeds |",
                      "|---|---|---|---|---|---|---|"]
@@ -173,21 +199,18 @@ def run(cfg: RLConfig, ctx: RunContext) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {LABEL[key[2]]} | {key[3] if key[2] == 'kama' else '-'} | "
                      f"{'learned' if key[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
                      f"{len(vals)} |")
-    # Aggregate: IQM over runs of returns normalized per (task, algo) by the unstructured mean.
     lines += ["", "Aggregate over tasks: IQM of final returns normalized by the unstructured policy's mean on the "
               "same task and algorithm, with a 95 % stratified-bootstrap interval:", "",
               "| algo | architecture | IQM | 95 % CI |", "|---|---|---|---|"]
-    for algo in study.algos:
+    for algo in sorted({f["algo"] for f in finals}):
         tasks = sorted({f["task"] for f in finals if f["algo"] == algo})
         base = {t: np.mean([f["final_return"] for f in finals if f["algo"] == algo and f["task"] == t
                             and f["architecture"] == "mlp"] or [np.nan]) for t in tasks}
-        for arch in study.architectures:
-            cols = []
-            for t in tasks:
-                v = [f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
-                     and f["architecture"] == arch and f["K"] == k0 and not f["learn_planes"]]
-                cols.append(v)
-            n = min(len(c) for c in cols) if cols else 0
+        for arch in ARCH_ORDER:
+            cols = [[f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
+                     and f["architecture"] == arch and not f["learn_planes"]
+                     and (arch != "kama" or f["K"] == default_k.get((t, algo)))] for t in tasks]
+            n = min((len(c) for c in cols), default=0)
             if n == 0 or any(not np.isfinite(base[t]) or base[t] == 0 for t in tasks):
                 continue
             mid, lo, hi = iqm_with_ci(np.array([c[:n] for c in cols]).T)
@@ -201,7 +224,6 @@ def run(cfg: RLConfig, ctx: RunContext) -> str:
         q = f" ({paper[1]} %)" if paper else ""
         lines.append(f"| {r['algo']} | {r['task']} | {r['hidden']} | {r['K']} | {100 * r['kama_ratio']:.1f} %{p} | "
                      f"{100 * r['toeplitz_ratio']:.1f} %{q} |")
-    lines += ["", f"Config: `{asdict(cfg)}`"]
     return "\n".join(lines)
 
 
