@@ -62,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--workers", type=int, default=None, help="local worker processes (default: every core)")
     st.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     st.add_argument("--no-progress", action="store_true")
+    es = rl_sub.add_parser("es", help="evolution strategies (sb3-contrib ARS) for compact policies")
+    es.add_argument("--env", default="Swimmer-v5")
+    es.add_argument("--policy", default="kama", help="kama, toeplitz or mlp")
+    es.add_argument("--hidden", type=int, default=16)
+    es.add_argument("--rotations", type=int, default=50)
+    es.add_argument("--steps", type=int, default=200_000)
+    es.add_argument("--population", type=int, default=16, help="candidates per iteration (antithetic pairs)")
+    es.add_argument("--top", type=int, default=None, help="directions kept per update (default: all)")
+    es.add_argument("--sigma", type=float, default=0.05, help="perturbation standard deviation")
+    es.add_argument("--lr", type=float, default=0.02)
+    es.add_argument("--no-obs-norm", action="store_true", help="disable observation normalization")
+    es.add_argument("--eval-every", type=int, default=10_000)
+    es.add_argument("--eval-episodes", type=int, default=3)
+    es.add_argument("--workers", type=int, default=1, help="candidate-evaluation processes")
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--out", default=None, help="output folder (default: results/es/ENV-POLICY-sSEED)")
     rp = rl_sub.add_parser("report", help="figures, CSVs and report.md from finished study folders (no training)")
     rp.add_argument("--study", nargs="+", required=True, metavar="DIR",
                     help="study folders written by `kama rl study` (each holds study.json)")
@@ -98,6 +114,22 @@ def _rl(args: argparse.Namespace) -> int:
     except ImportError as e:  # pragma: no cover - the rl extra is not installed
         print(f"kama: error: {e}; install the rl extra: pip install 'kama-nn[rl]'", file=sys.stderr)
         return 2
+    if args.rl_command == "es":
+        from .rl.es import ESConfig, train_es
+
+        try:
+            cfg = ESConfig(env_id=args.env, architecture=args.policy, hidden=args.hidden,
+                           num_rotations=args.rotations, total_timesteps=args.steps, population=args.population,
+                           n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
+                           normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,
+                           eval_episodes=args.eval_episodes, workers=args.workers, seed=args.seed)
+            out = args.out or f"results/es/{args.env}-{args.policy}-s{args.seed}"
+            train_es(cfg, out)
+        except (ValueError, TypeError) as e:
+            print(f"kama: error: {e}", file=sys.stderr)
+            return 2
+        print(f"run written to {out}")
+        return 0
     if args.rl_command == "report":
         from .experiments.base import atomic_write_text, provenance
         from .experiments.rl import report

@@ -1,0 +1,232 @@
+r"""Evolution strategies for compact policies: Augmented Random Search (sb3-contrib ``ARS``) on KAMA, Toeplitz
+and MLP policies, with observation normalization (``VecNormalize``), antithetic perturbations and top-direction
+selection as ARS defines them, and rollouts through :class:`kama.rl.fast.FastActor`.
+
+The optimizer is sb3-contrib's ARS (Mania et al., 2018), not a home-made one; this module adds the structured
+policy and its fast inference. Candidates are evaluated in this process (``workers=1``) or by sb3-contrib's
+``AsyncEval`` worker processes (``workers > 1``); ARS offers no Ray backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from sb3_contrib import ARS
+from sb3_contrib.ars.policies import ARSPolicy
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecNormalize
+from torch import nn
+
+from .._checks import check_choice, check_int
+from ..experiments.base import atomic_write_text, provenance, write_csv
+from .fast import FastActor
+from .policies import ARCHITECTURES, check_spaces, structured_layer
+
+__all__ = ["StructuredARSPolicy", "ESConfig", "validate_es", "make_es_model", "train_es"]
+
+
+class StructuredARSPolicy(ARSPolicy):
+    """ARS policy ``obs -> h -> h -> action`` with KAMA, Toeplitz or dense layers (tanh hidden activations,
+    tanh-squashed actions), whose deterministic actions are computed by :class:`FastActor` (the matrices are
+    re-materialized whenever a parameter's storage or version changes, as ARS's ``load_from_vector`` does).
+
+    Args:
+        observation_space, action_space: Box spaces.
+        architecture: ``"kama"``, ``"toeplitz"`` or ``"mlp"``.
+        hidden: hidden units; num_rotations: K per KAMA layer.
+    """
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, architecture: str = "kama",
+                 hidden: int = 64, num_rotations: int = 200, **kwargs: Any) -> None:
+        check_spaces(observation_space, action_space)
+        self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
+        self.hidden = check_int("hidden", hidden, minimum=1)
+        self.num_rotations = check_int("num_rotations", num_rotations, minimum=1)
+        super().__init__(observation_space, action_space, net_arch=[hidden, hidden], activation_fn=nn.Tanh,
+                         squash_output=True)
+        obs_dim, act_dim = int(observation_space.shape[0]), int(action_space.shape[0])
+        layers = [structured_layer(architecture, obs_dim, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
+                  nn.Tanh(),
+                  structured_layer(architecture, hidden, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
+                  nn.Tanh(),
+                  structured_layer(architecture, hidden, act_dim, gain=0.01, num_rotations=num_rotations),
+                  nn.Tanh()]
+        self.action_net = nn.Sequential(*layers)
+        self._fast: FastActor | None = None
+        self._fast_key: tuple | None = None
+
+    def _fast_actor(self) -> FastActor:
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._fast is None or key != self._fast_key:
+            self._fast = FastActor(list(self.action_net), dtype=np.float32)
+            self._fast_key = key
+        return self._fast
+
+    def _predict(self, observation: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        if observation.device.type == "cpu" and not torch.is_grad_enabled():
+            out = self._fast_actor()(observation.detach().numpy())
+            return torch.from_numpy(np.asarray(out, dtype=np.float32))
+        return self(observation)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {"observation_space": self.observation_space, "action_space": self.action_space,
+                "architecture": self.architecture, "hidden": self.hidden, "num_rotations": self.num_rotations}
+
+
+@dataclass(frozen=True)
+class ESConfig:
+    """One evolution-strategies run.
+
+    Attributes:
+        env_id: gymnasium id with Box spaces (e.g. ``Swimmer-v5``).
+        architecture, hidden, num_rotations: the policy.
+        total_timesteps: environment steps.
+        population: candidates per iteration (``2 n_delta``: antithetic pairs), >= 2 and even.
+        n_top: directions kept per update (default: all).
+        sigma: standard deviation of the parameter perturbations (> 0).
+        learning_rate: ARS step size.
+        normalize_observations: running observation normalization (``VecNormalize``).
+        eval_every, eval_episodes: evaluation schedule (deterministic, normalized observations).
+        workers: candidate-evaluation processes (1: this process).
+        seed: seed of ARS, the policy and the environments.
+    """
+
+    env_id: str = "Swimmer-v5"
+    architecture: str = "kama"
+    hidden: int = 16
+    num_rotations: int = 50
+    total_timesteps: int = 200_000
+    population: int = 16
+    n_top: int | None = None
+    sigma: float = 0.05
+    learning_rate: float = 0.02
+    normalize_observations: bool = True
+    eval_every: int = 10_000
+    eval_episodes: int = 3
+    workers: int = 1
+    seed: int = 0
+
+
+def validate_es(cfg: ESConfig) -> None:
+    """Typed errors before any rollout."""
+    check_choice("architecture", cfg.architecture, ARCHITECTURES)
+    check_int("hidden", cfg.hidden, minimum=1)
+    check_int("num_rotations", cfg.num_rotations, minimum=1)
+    check_int("total_timesteps", cfg.total_timesteps, minimum=1)
+    population = check_int("population", cfg.population, minimum=2)
+    if population % 2:
+        raise ValueError(f"population must be even (antithetic pairs), got {population}")
+    if cfg.n_top is not None:
+        check_int("n_top", cfg.n_top, minimum=1)
+        if cfg.n_top > population // 2:
+            raise ValueError(f"n_top must be <= population / 2 = {population // 2}, got {cfg.n_top}")
+    if not (isinstance(cfg.sigma, (int, float)) and cfg.sigma > 0):
+        raise ValueError(f"sigma must be a positive number, got {cfg.sigma!r}")
+    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, got {cfg.learning_rate!r}")
+    check_int("eval_every", cfg.eval_every, minimum=1)
+    check_int("eval_episodes", cfg.eval_episodes, minimum=1)
+    check_int("workers", cfg.workers, minimum=1)
+    try:
+        gym.spec(cfg.env_id)
+    except gym.error.Error as e:
+        raise ValueError(f"env_id {cfg.env_id!r} is not a registered gymnasium environment ({e})") from None
+    env = gym.make(cfg.env_id)
+    try:
+        check_spaces(env.observation_space, env.action_space)
+    finally:
+        env.close()
+
+
+def _vec_env(cfg: ESConfig, seed: int) -> Any:
+    env = make_vec_env(cfg.env_id, n_envs=1, seed=seed)
+    if cfg.normalize_observations:
+        env = VecNormalize(env, norm_obs=True, norm_reward=False)
+    return env
+
+
+def make_es_model(cfg: ESConfig) -> ARS:
+    """The ARS model of ``cfg`` (validated first)."""
+    validate_es(cfg)
+    return ARS(StructuredARSPolicy, _vec_env(cfg, cfg.seed), n_delta=cfg.population // 2, n_top=cfg.n_top,
+               learning_rate=cfg.learning_rate, delta_std=cfg.sigma, seed=cfg.seed, device="cpu", zero_policy=False,
+               policy_kwargs={"architecture": cfg.architecture, "hidden": cfg.hidden,
+                              "num_rotations": cfg.num_rotations})
+
+
+def _evaluate(model: ARS, cfg: ESConfig) -> list[float]:
+    env = _vec_env(cfg, 10_000 + cfg.seed)
+    if cfg.normalize_observations:
+        env.obs_rms = model.get_vec_normalize_env().obs_rms.copy()
+        env.training = False
+    rewards, _ = evaluate_policy(model, env, n_eval_episodes=cfg.eval_episodes, deterministic=True,
+                                 return_episode_rewards=True)
+    env.close()
+    return [float(r) for r in rewards]
+
+
+class _ESCallback(BaseCallback):
+    def __init__(self, cfg: ESConfig, rows: list[dict], path: Path, t0: float) -> None:
+        super().__init__()
+        self.cfg, self.rows, self.path, self.t0 = cfg, rows, path, t0
+        self.next_eval = cfg.eval_every
+
+    def record(self) -> None:
+        rets = _evaluate(self.model, self.cfg)
+        self.rows.append({"timesteps": int(self.model.num_timesteps), "mean_return": float(np.mean(rets)),
+                          "std_return": float(np.std(rets)), "episodes": len(rets),
+                          "wall_seconds": time.perf_counter() - self.t0})
+        write_csv(self.path, self.rows)
+
+    def _on_rollout_end(self) -> None:  # after each population has been evaluated
+        if self.model.num_timesteps >= self.next_eval:
+            self.record()
+            while self.next_eval <= self.model.num_timesteps:
+                self.next_eval += self.cfg.eval_every
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def train_es(cfg: ESConfig, out_dir: str | Path) -> Path:
+    """Run ES and write ``returns.csv``, ``config.json`` (with provenance and ``finished``) and ``model.zip``."""
+    validate_es(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_es_model(cfg)
+    n_params = int(model.n_params)
+    meta = {"config": dataclasses.asdict(cfg), "parameters": n_params, "finished": False, **provenance()}
+    atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    cb = _ESCallback(cfg, rows, out / "returns.csv", t0)
+    cb.init_callback(model)
+    cb.record()
+    async_eval = None
+    if cfg.workers > 1:
+        from sb3_contrib.common.vec_env import AsyncEval
+
+        async_eval = AsyncEval([lambda i=i: _vec_env(cfg, cfg.seed + 1 + i) for i in range(cfg.workers)],
+                               model.policy)
+    try:
+        model.learn(total_timesteps=cfg.total_timesteps, callback=cb, async_eval=async_eval)
+    finally:
+        if async_eval is not None:
+            async_eval.close()
+    if rows[-1]["timesteps"] != model.num_timesteps:
+        cb.record()
+    model.save(out / "model.zip")
+    meta.update(finished=True, seconds=time.perf_counter() - t0)
+    atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
+    return out
