@@ -30,7 +30,8 @@ def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
     assert done["config"]["seed"] == 0 and done["git_commit"] and done["kama_version"]
     for name in ("kernel_approx/figure1_pointwise_mse.png", "kernel_approx/figure2_gram_error.png",
                  "png_gap/png_gap.png", "k_ablation/k_ablation.png", "feature_speed/feature_speed.png",
-                 "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv"):
+                 "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv", "es/es_curves.png",
+                 "es/es_returns.csv", "manifold/theorem3.png", "manifold/convergence.png"):
         assert (out / name).stat().st_size > 0, name
     header = (out / "capacity" / "capacity_mixing.csv").read_text().splitlines()[0]
     assert header.split(",")[:4] == ["d", "ratio", "k", "ks"]

@@ -20,7 +20,7 @@ def load_experiments() -> dict[str, Any]:
     from . import capacity, kernels, manifold  # noqa: F401
 
     try:  # the RL experiment needs the rl extra (stable-baselines3, sb3-contrib, gymnasium[mujoco])
-        from . import rl  # noqa: F401
+        from . import es, rl  # noqa: F401
     except ImportError:  # pragma: no cover - without the rl extra
         pass
 
