@@ -31,7 +31,7 @@ from torch import nn
 from .._checks import check_choice, check_int
 from ..experiments.base import atomic_write_text, provenance, write_csv
 from .fast import FastActor
-from .policies import ARCHITECTURES, check_spaces, structured_layer
+from .policies import ARCHITECTURES, check_env, check_spaces, structured_layer
 
 __all__ = ["StructuredARSPolicy", "ESConfig", "validate_es", "make_es_model", "train_es"]
 
@@ -138,15 +138,7 @@ def validate_es(cfg: ESConfig) -> None:
     check_int("eval_every", cfg.eval_every, minimum=1)
     check_int("eval_episodes", cfg.eval_episodes, minimum=1)
     check_int("workers", cfg.workers, minimum=1)
-    try:
-        gym.spec(cfg.env_id)
-    except gym.error.Error as e:
-        raise ValueError(f"env_id {cfg.env_id!r} is not a registered gymnasium environment ({e})") from None
-    env = gym.make(cfg.env_id)
-    try:
-        check_spaces(env.observation_space, env.action_space)
-    finally:
-        env.close()
+    check_env(cfg.env_id)
 
 
 def _vec_env(cfg: ESConfig, seed: int) -> Any:

@@ -30,7 +30,7 @@ from .._checks import check_choice, check_int
 from ..nn import KamaLinear, ToeplitzLinear
 
 __all__ = ["ARCHITECTURES", "KamaActorCriticPolicy", "StructuredMlpExtractor", "structured_layer",
-           "actor_parameter_count", "check_spaces"]
+           "actor_parameter_count", "check_spaces", "check_env"]
 
 ARCHITECTURES: tuple[str, ...] = ("kama", "toeplitz", "mlp")
 
@@ -93,6 +93,19 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
         raise ValueError(f"observation space must be a 1-D gymnasium.spaces.Box, got {observation_space}")
     if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
         raise ValueError(f"action space must be a 1-D gymnasium.spaces.Box, got {action_space}")
+
+
+def check_env(env_id: str) -> None:
+    """A registered gymnasium id whose observation and action spaces are 1-D Boxes (creates one environment)."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise ValueError(f"env_id {env_id!r} is not a registered gymnasium environment ({e})") from None
+    env = gym.make(env_id)
+    try:
+        check_spaces(env.observation_space, env.action_space)
+    finally:
+        env.close()
 
 
 class KamaActorCriticPolicy(ActorCriticPolicy):

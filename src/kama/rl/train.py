@@ -17,7 +17,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from .._checks import check_choice, check_int
 from ..experiments.base import atomic_write_text, provenance, write_csv
-from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_spaces
+from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
 __all__ = ["RunConfig", "ALGORITHMS", "validate", "make_model", "evaluate", "train"]
 
@@ -69,15 +69,7 @@ def validate(cfg: RunConfig) -> None:
     check_int("seed", cfg.seed, minimum=0)
     if not isinstance(cfg.algo_kwargs, dict):
         raise TypeError(f"algo_kwargs must be a dict, got {type(cfg.algo_kwargs).__name__}")
-    try:
-        gym.spec(cfg.env_id)
-    except gym.error.Error as e:
-        raise ValueError(f"env_id {cfg.env_id!r} is not a registered gymnasium environment ({e})") from None
-    env = gym.make(cfg.env_id)
-    try:
-        check_spaces(env.observation_space, env.action_space)
-    finally:
-        env.close()
+    check_env(cfg.env_id)
 
 
 def make_model(cfg: RunConfig, env: gym.Env | str | None = None) -> Any:
