@@ -81,7 +81,7 @@ def main() -> None:
     t_kama = per_call_us(torch_kama, x, args.calls // 4)
     zero_action = np.zeros(models["kama"].action_space.shape[0])
     env_only = rollout_steps_per_second(args.env, lambda o: zero_action, args.steps)
-    with_fast = rollout_steps_per_second(args.env, lambda o: np.clip(fast(o), -1, 1), args.steps)
+    with_fast = rollout_steps_per_second(args.env, fast, args.steps)  # MuJoCo clamps controls to their range
     print(f"FastActor (KAMA) {t_fast:.2f} us/obs; torch MLP actor {t_mlp:.2f} us ({t_mlp / t_fast:.1f}x); "
           f"torch KAMA actor {t_kama:.2f} us; rollout {with_fast:.0f} steps/s with the KAMA policy vs "
           f"{env_only:.0f} env-only ({env_only / with_fast:.3f}x)")

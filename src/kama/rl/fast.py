@@ -68,10 +68,28 @@ class FastActor:
                                       None if b is None else b.detach().cpu().numpy().astype(self.dtype)))
                 else:
                     self._ops.append(("act", _ACTIVATIONS[type(m)], None))
+        # Preallocated buffers for one observation: no temporary arrays on the hot path of rollouts.
+        self._bufs = [np.empty(op[1].shape[0], dtype=self.dtype) if op[0] == "linear" else None for op in self._ops]
+
+    def _single(self, v: np.ndarray) -> np.ndarray:
+        own = False  # v is one of our buffers (or a fresh array): activations may run in place
+        for (kind, a, b), buf in zip(self._ops, self._bufs, strict=True):
+            if kind == "linear":
+                np.dot(a, v, out=buf)
+                if b is not None:
+                    buf += b
+                v, own = buf, True
+            elif a is np.tanh and own:
+                np.tanh(v, out=v)
+            else:
+                v, own = a(v), True
+        return v
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
-        """Action for one observation ``(obs_dim,)`` or a batch ``(n, obs_dim)``."""
+        """Action for one observation ``(obs_dim,)`` or a batch ``(n, obs_dim)`` (a new array)."""
         v = np.asarray(obs, dtype=self.dtype)
+        if v.ndim == 1:
+            return self._single(v).copy()
         for kind, a, b in self._ops:
             if kind == "linear":
                 v = a @ v if v.ndim == 1 else v @ a.T
