@@ -44,10 +44,11 @@ def test_fast_predictions_equal_the_torch_forward(arch):
         ref = policy(obs)
         fast = policy._predict(obs)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    w = torch.nn.utils.parameters_to_vector(policy.parameters()) + 0.1
-    policy.load_from_vector(w.detach().numpy())  # ARS's way of setting candidates: the fast path follows
-    with torch.no_grad():
-        torch.testing.assert_close(policy._predict(obs), policy(obs), atol=1e-5, rtol=1e-5)
+    w = torch.nn.utils.parameters_to_vector(policy.parameters()).detach()
+    for shift in (0.1, 0.2):  # candidates reuse freed memory: the same data pointers with version 0
+        policy.load_from_vector((w + shift).numpy())
+        with torch.no_grad():
+            torch.testing.assert_close(policy._predict(obs), policy(obs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("change, match", [

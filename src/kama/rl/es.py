@@ -38,8 +38,10 @@ __all__ = ["StructuredARSPolicy", "ESConfig", "validate_es", "make_es_model", "t
 
 class StructuredARSPolicy(ARSPolicy):
     """ARS policy ``obs -> h -> h -> action`` with KAMA, Toeplitz or dense layers (tanh hidden activations,
-    tanh-squashed actions), whose deterministic actions are computed by :class:`FastActor` (the matrices are
-    re-materialized whenever a parameter's storage or version changes, as ARS's ``load_from_vector`` does).
+    tanh-squashed actions), whose deterministic actions are computed by :class:`FastActor`. The matrices are
+    re-materialized after ``load_from_vector`` (how ARS sets every candidate) and whenever a parameter's
+    storage or version changes (in-place updates); writes through ``.data`` must go through
+    ``load_from_vector``.
 
     Args:
         observation_space, action_space: Box spaces.
@@ -65,6 +67,11 @@ class StructuredARSPolicy(ARSPolicy):
         self.action_net = nn.Sequential(*layers)
         self._fast: FastActor | None = None
         self._fast_key: tuple | None = None
+
+    def load_from_vector(self, vector: np.ndarray) -> None:
+        """Set the parameters (ARS's way of loading a candidate) and drop the materialized actor."""
+        super().load_from_vector(vector)
+        self._fast = None
 
     def _fast_actor(self) -> FastActor:
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
