@@ -42,6 +42,26 @@ def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | 
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
+def _pad_input(x: torch.Tensor, scale: torch.Tensor, out_features: int, n: int) -> torch.Tensor:
+    """Widening layers (out > in) scale the input columns and zero-pad them to ``n``."""
+    in_features = x.shape[-1]
+    if out_features > in_features:
+        x = F.pad(x * scale, (0, n - in_features))
+    return x
+
+
+def _finish_output(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                   out_features: int) -> torch.Tensor:
+    """Narrowing layers (out <= in) keep the first ``out`` rotated coordinates and scale them; then the bias."""
+    if out_features <= in_features:
+        if out_features < y.shape[-1]:
+            y = y[..., :out_features]
+        if bias is not None:
+            return torch.addcmul(bias, y, scale)
+        return y * scale
+    return y + bias if bias is not None else y
+
+
 class KamaLinear(nn.Module):
     r"""A linear layer whose weight is a truncated, renormalized product of ``k`` Givens rotations.
 
@@ -182,19 +202,10 @@ class KamaLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features > self.in_features:
-            x = x * self.scale
-            x = F.pad(x, (0, self.n - self.in_features))
-        return x
+        return _pad_input(x, self.scale, self.out_features, self.n)
 
     def _finish_output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.out_features <= self.in_features:
-            if self.out_features < self.n:
-                y = y[..., : self.out_features]
-            if self.bias is not None:
-                return torch.addcmul(self.bias, y, self.scale)
-            return y * self.scale
-        return y + self.bias if self.bias is not None else y
+        return _finish_output(y, self.scale, self.bias, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -357,13 +368,9 @@ def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.T
     """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes (``auto``
     backend: for large batches and small ``n``, as in TRPO's Hessian-vector products over a whole rollout, the
     matrix is materialized once and the recorded graph is a GEMM)."""
-    n, in_features = plan.d, x.shape[-1]
-    if out_features > in_features:
-        x = F.pad(x * scale, (0, n - in_features))
-    y = givens_apply(x, plan, angles)
-    if out_features <= in_features:
-        y = y[..., :out_features] * scale
-    return y + bias if bias is not None else y
+    in_features = x.shape[-1]
+    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles)
+    return _finish_output(y, scale, bias, in_features, out_features)
 
 
 class _KamaLinearFunction(torch.autograd.Function):
@@ -375,17 +382,11 @@ class _KamaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, angles, scale, bias, plan, out_features):  # type: ignore[override]
-        n, in_features = plan.d, x.shape[1]
-        xp = x
-        if out_features > in_features:
-            xp = F.pad(x * scale, (0, n - in_features))
         coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
-        y_rot = _c_forward(xp, angles, plan, False, coef)
-        if out_features <= in_features:
-            out = torch.addcmul(bias, y_rot[:, :out_features], scale) if bias is not None \
-                else y_rot[:, :out_features] * scale
-        else:
-            out = y_rot + bias if bias is not None else y_rot.clone()
+        y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), angles, plan, False, coef)
+        out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
+        if out is y_rot:  # the output must not alias the saved rotated state
+            out = y_rot.clone()
         ctx.save_for_backward(x, angles, scale, bias, y_rot)
         ctx.plan, ctx.out_features, ctx.coef = plan, out_features, coef
         return out
