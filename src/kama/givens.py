@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import _triton
 from ._checks import check_choice, check_float_tensor, check_int
 
 try:  # the optional compiled CPU kernel (built by setup.py; plain C, see _cgivens.c)
@@ -43,6 +44,7 @@ except ImportError as _e:  # pragma: no cover - exercised by simulating the fail
     _cgivens = None
     _CGIVENS_ERROR = _e
 _WARNED_NO_KERNEL = False
+_WARNED_NO_TRITON = False
 
 
 def _use_torch_openmp() -> bool:
@@ -83,14 +85,18 @@ __all__ = [
     "as_plan",
 ]
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "dense")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "cuda", "dense")
 """Names accepted by ``givens_apply(..., backend=...)``.
 
 * ``"reference"``: the vectorized pure-PyTorch layered walk (custom autograd, saves only the output); the
-  oracle of the fast paths, and the path of CUDA tensors until a GPU kernel exists.
+  oracle of the fast paths, on any device.
 * ``"cpu"``: the compiled C kernel (``kama._cgivens``): batch tiles in cache, rotations in sequence with SIMD
   across the batch, threads across tiles, the same saved-output backward. Falls back to ``"reference"`` with
   one warning if the extension could not be built or loaded.
+* ``"cuda"``: the Triton kernels (``kama._triton``) for CUDA tensors: a persistent program per SM, a batch
+  tile feature-major in a private scratch, all ASAP layers in one launch with a barrier between layers,
+  float32 state for 16-bit input and output. Falls back to ``"reference"`` with one warning if Triton is not
+  installed. CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter; for tests).
 * ``"dense"``: materialize ``M`` (the reference walk applied to the identity), then one GEMM.
 * ``"auto"``: the cost model in :func:`choose_backend`.
 """
@@ -283,7 +289,7 @@ class GivensPlan:
         p32 = self.pairs.to(torch.int32)
         self.seq = (p32[:, 0].contiguous(), p32[:, 1].contiguous())
         self._layers: dict[str, object] | None = None  # the ASAP schedule, built on first use
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _schedule(self) -> dict[str, object]:
         if self._layers is not None:
@@ -324,6 +330,18 @@ class GivensPlan:
 
     def __repr__(self) -> str:
         return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations})"
+
+    def sorted_pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(i, j, offsets, perm)`` on ``device`` (cached): the pairs sorted by layer as int32 columns, the
+        int32 layer offsets ``(depth + 1,)`` and the permutation (rotation of every sorted position)."""
+        key = ("sorted", device)
+        hit = self._device_cache.get(key)  # type: ignore[call-overload]
+        if hit is None:
+            sp = self.pairs[self.perm].to(torch.int32)
+            hit = (sp[:, 0].contiguous().to(device), sp[:, 1].contiguous().to(device),
+                   torch.tensor(self.offsets, dtype=torch.int32, device=device), self.perm.to(device))
+            self._device_cache[key] = hit  # type: ignore[index]
+        return hit  # type: ignore[return-value]
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(index, rot_of_index, sign_of_index, perm)`` on ``device`` (cached)."""
@@ -532,11 +550,41 @@ def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: G
     return (gx if gx.dtype == y.dtype else gx.to(y.dtype)), g_angles
 
 
+def _rows(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` (2-D) with a unit column stride (rows may stay strided), optionally cast."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _t_coef(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype, transpose: bool):
+    """cos / applied sin of the rotations in layer-sorted order, on the angles' device."""
+    a = angles.detach().index_select(0, plan.sorted_pairs(angles.device)[3]).to(cdtype)
+    s = torch.sin(a)
+    return torch.cos(a), (-s if transpose else s)
+
+
+def _t_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+               coef: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ii, jj, offsets, _ = plan.sorted_pairs(x.device)
+    return _triton.forward(_rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, not transpose,
+                           _compute_dtype(x.dtype))
+
+
+def _t_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+                coef: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    ii, jj, offsets, perm = plan.sorted_pairs(y.device)
+    gx, gt = _triton.backward(_rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets, plan.depth,
+                              not transpose, _compute_dtype(y.dtype))
+    g = torch.empty_like(gt).index_copy_(0, perm, gt)
+    return gx, (-g if transpose else g).to(angles.dtype)
+
+
 class _GivensFunction(torch.autograd.Function):
     """``y = x @ M^T`` (or ``x @ M``) on a 2-D batch; saves only ``y`` and the angles.
 
-    ``kernel`` is ``"torch"`` (the layered walk) or ``"c"`` (the compiled kernel); the recorded (double)
-    backward always uses the layered walk with out-of-place operations."""
+    ``kernel`` is ``"torch"`` (the layered walk), ``"c"`` (the compiled CPU kernel) or ``"triton"`` (the GPU
+    kernels); the recorded (double) backward always uses the layered walk with out-of-place operations."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,  # type: ignore[override]
@@ -546,6 +594,9 @@ class _GivensFunction(torch.autograd.Function):
             # cos/sin are kept for the backward (O(k) memory) instead of being recomputed there.
             ctx.coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
             y = _c_forward(x, angles, plan, transpose, ctx.coef)
+        elif kernel == "triton":
+            ctx.coef = _t_coef(plan, angles, _compute_dtype(x.dtype), transpose)
+            y = _t_forward(x, angles, plan, transpose, ctx.coef)
         else:
             cdtype = _compute_dtype(x.dtype)
             c, s = _coefficients(plan, angles, cdtype, transpose)
@@ -565,8 +616,11 @@ class _GivensFunction(torch.autograd.Function):
         transpose: bool = ctx.transpose
         cdtype = _compute_dtype(y.dtype)
         differentiable = torch.is_grad_enabled()  # create_graph=True: record the backward itself
-        if ctx.kernel == "c" and not differentiable:
-            gx, gangles = _c_backward(y, gy, angles, plan, transpose, ctx.coef)
+        if ctx.kernel in ("c", "triton") and not differentiable:
+            if ctx.kernel == "c":
+                gx, gangles = _c_backward(y, gy, angles, plan, transpose, ctx.coef)
+            else:
+                gx, gangles = _t_backward(y, gy, angles, plan, transpose, ctx.coef)
             return (gx if ctx.needs_input_grad[0] else None, gangles if ctx.needs_input_grad[1] else None,
                     None, None, None)
         c, s = _coefficients(plan, angles, cdtype, transpose)
@@ -617,28 +671,58 @@ def _apply_cpu(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpo
     return _GivensFunction.apply(x2, angles, plan, transpose, "c")
 
 
+def cuda_kernel_available() -> bool:
+    """Whether the Triton GPU kernels can be used (Triton imports)."""
+    return _triton.available()
+
+
+def _apply_cuda(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
+    global _WARNED_NO_TRITON
+    if x2.device.type != "cuda" and not (x2.device.type == "cpu" and _triton.interpreting()):
+        raise ValueError(f"backend='cuda' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                         f"got x on {x2.device}")
+    if not _triton.available():
+        if not _WARNED_NO_TRITON:
+            _WARNED_NO_TRITON = True
+            warnings.warn(f"kama: Triton is not available ({_triton.import_error()}); using the slower "
+                          "pure-PyTorch path on the GPU. Install it with pip install triton.",
+                          RuntimeWarning, stacklevel=3)
+        return _apply_reference(x2, plan, angles, transpose)
+    return _GivensFunction.apply(x2, angles, plan, transpose, "triton")
+
+
+def _walk_kernel(device: torch.device) -> str:
+    """The ``_GivensFunction`` kernel ``"auto"`` and ``"dense"`` use on ``device``."""
+    if device.type == "cpu":
+        return "c" if _cgivens is not None else "torch"
+    return "triton" if device.type == "cuda" and _triton.available() else "torch"
+
+
 def _apply_dense(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
     eye = torch.eye(plan.d, dtype=x2.dtype, device=x2.device)
-    fast = eye.device.type == "cpu" and _cgivens is not None
-    mt = _GivensFunction.apply(eye, angles, plan, transpose, "c" if fast else "torch")  # M^T (or M)
+    mt = _GivensFunction.apply(eye, angles, plan, transpose, _walk_kernel(eye.device))  # M^T (or M)
     if x2.dtype in (torch.float16, torch.bfloat16) and x2.device.type == "cpu":
         return (x2.float() @ mt.float()).to(x2.dtype)
     return x2 @ mt
 
 
-# Cost model for backend="auto" (throughputs measured on a 2-core EPYC, torch 2.13 CPU, 1 thread, fp32; see
-# BENCHMARKS.md). A walk over N vectors costs 6 k N flops at WALK_FLOPS[backend]; the dense path pays the walk
-# on the d x d identity plus a GEMM of 2 N d^2 flops at GEMM_FLOPS. Fixed per-call costs are about equal.
-WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9}
-GEMM_FLOPS = 60e9
+# Cost model for backend="auto". CPU throughputs measured on a 2-core EPYC, torch 2.13 CPU, 1 thread, fp32
+# (BENCHMARKS.md). A walk over N vectors costs 6 k N flops at WALK_FLOPS[backend]; the dense path pays the walk
+# on the d x d identity plus a GEMM of 2 N d^2 flops at GEMM_FLOPS[device type]. Fixed per-call costs are about
+# equal. The CUDA numbers are NOT measured here: the GEMM rate is an H100's fp32 rate quoted in the GPU issue
+# (5.6 ms for 8192 x 4096 x 4096), the walk rate a design estimate (L1-resident tiles, 4 memory operations per
+# rotation per vector); benchmarks/bench_gpu.py measures both when a GPU is available.
+WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9, "cuda": 10.0e12, "reference_cuda": 0.2e12}
+GEMM_FLOPS = {"cpu": 60e9, "cuda": 50e12}
 
 
 def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.device | str = "cpu") -> str:
     """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d`` on ``device``.
 
-    The walk backend is ``"cpu"`` (the compiled kernel) for CPU tensors when it is available, else
-    ``"reference"``. ``"dense"`` replaces it when the batch is much larger than ``d`` and ``d`` is small (RL
-    policies): when ``6 k n_rows / W > 6 k d / W + 2 n_rows d^2 / GEMM_FLOPS`` with ``W = WALK_FLOPS[walk]``.
+    The walk backend is ``"cpu"`` (the compiled kernel) for CPU tensors and ``"cuda"`` (Triton) for CUDA
+    tensors when they are available, else ``"reference"``. ``"dense"`` replaces it when the batch is much
+    larger than ``d`` and ``d`` is small (RL policies): when
+    ``6 k n_rows / W > 6 k d / W + 2 n_rows d^2 / G`` with ``W = WALK_FLOPS[walk]``, ``G = GEMM_FLOPS[device]``.
     Forward and backward scale alike, so gradients do not change the decision.
 
     Example:
@@ -646,15 +730,17 @@ def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.devic
         >>> choose_backend(4096, 64, plan), choose_backend(64, 64, plan) in ("cpu", "reference")
         ('dense', True)
     """
-    walk_backend = "cpu" if torch.device(device).type == "cpu" and _cgivens is not None else "reference"
-    w = WALK_FLOPS[walk_backend]
+    dev = torch.device(device)
+    kernel = _walk_kernel(dev)
+    walk_backend = {"c": "cpu", "triton": "cuda"}.get(kernel, "reference")
+    w = WALK_FLOPS[walk_backend if walk_backend != "reference" or dev.type == "cpu" else "reference_cuda"]
     k = plan.num_rotations
     walk = 6.0 * k * n_rows / w
-    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / GEMM_FLOPS
+    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / GEMM_FLOPS["cuda" if dev.type == "cuda" else "cpu"]
     return "dense" if dense < walk else walk_backend
 
 
-_IMPLS = {"reference": _apply_reference, "cpu": _apply_cpu, "dense": _apply_dense}
+_IMPLS = {"reference": _apply_reference, "cpu": _apply_cpu, "cuda": _apply_cuda, "dense": _apply_dense}
 
 
 def givens_apply(

@@ -26,6 +26,7 @@ from .givens import (
     as_plan,
     choose_backend,
     cpu_kernel_available,
+    cuda_kernel_available,
     default_num_rotations,
     givens_apply,
     givens_matrix,
@@ -254,8 +255,13 @@ class KamaLinear(nn.Module):
     # and pairs is untouched. Angles and scalars are checked by value (O(k) per call), not by tensor versions:
     # writes through ``.data`` (TRPO's line search does this) do not bump versions.
     def _dense_wins(self, n_rows: int) -> bool:
-        walk = WALK_FLOPS["cpu" if self.angles.device.type == "cpu" and cpu_kernel_available() else "reference"]
-        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS
+        dev = self.angles.device.type
+        if dev == "cpu":
+            walk = WALK_FLOPS["cpu" if cpu_kernel_available() else "reference"]
+        else:
+            walk = WALK_FLOPS["cuda" if dev == "cuda" and cuda_kernel_available() else "reference_cuda"]
+        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS[
+            "cuda" if dev == "cuda" else "cpu"]
         walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
         return dense_s < walk_s
 

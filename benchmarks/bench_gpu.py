@@ -1,0 +1,195 @@
+"""GPU speed of ``givens_apply(..., backend="cuda")`` (the Triton kernels) against dense matrix products and the
+pure-PyTorch layered walk, in one run on one device. Prepared for a machine with a CUDA GPU:
+
+    python benchmarks/bench_gpu.py [--dims 1024 4096] [--batches 8192] [--repeats 20] [--write BENCHMARKS.md]
+
+It first checks the kernels against the reference walk (float64 and float32, forward and backward), then for
+each ``d`` and batch ``B`` (``k = ceil(5 d ln d)`` i.i.d. pairs, fp32 input and output) reports the median of
+CUDA-event-timed repeats for: ``torch.matmul`` in fp32 with TF32 off, with TF32 on, and in bf16; the layered
+pure-PyTorch walk (``backend="reference"``); the Triton forward in fp32 and with bf16 input/output (fp32 state);
+forward + backward of the kernel against ``nn.Linear`` forward + backward (fp32, TF32 off); the effective
+TFLOP/s (6 flops per rotation per vector); the peak extra memory of the backward; and a sweep of the scratch
+size per program (``kama._triton.SCRATCH_BYTES``, which sets the batch rows per tile).
+
+``--smoke`` runs tiny sizes on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``) to check the
+script itself on a machine without a GPU; its timings mean nothing and it never writes ``BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+import kama  # noqa: E402
+from _bench import provenance_lines, write_section  # noqa: E402
+from kama import _triton  # noqa: E402
+
+
+def timer(fn, repeats: int, device: str) -> float:
+    """Median seconds of ``fn`` (one warm-up call; CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check(device: str) -> list[str]:
+    """Max deviations from the reference walk (outputs and gradients) on odd shapes."""
+    lines = []
+    g = torch.Generator().manual_seed(0)
+    for dtype, d, k, n in ((torch.float64, 37, 800, 300), (torch.float32, 257, 7000, 1000)):
+        pairs = kama.random_pairs(d, k, generator=g)
+        angles = kama.random_angles(k, generator=g, dtype=dtype).to(device)
+        x = torch.randn(n, d, generator=g, dtype=dtype).to(device)
+        w = torch.randn(n, d, generator=g, dtype=dtype).to(device)
+        outs = {}
+        for backend in ("cuda", "reference"):
+            xa, aa = x.clone().requires_grad_(True), angles.clone().requires_grad_(True)
+            y = kama.givens_apply(xa, pairs, aa, backend=backend)
+            (y * w).sum().backward()
+            outs[backend] = (y.detach(), xa.grad, aa.grad)
+        errs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+                for a, b in zip(outs["cuda"], outs["reference"], strict=True)]
+        lines.append(f"- {dtype}, d={d}, k={k}, B={n}: max relative deviation from the reference walk: "
+                     f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, angle gradient {errs[2]:.1e}")
+    return lines
+
+
+def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tuple[list[str], list[str]]:
+    k = math.ceil(5 * d * math.log(d))
+    g = torch.Generator().manual_seed(0)
+    plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
+    angles = kama.random_angles(k, generator=g).to(device)
+    x = torch.randn(batch, d, generator=g).to(device)
+    w = torch.randn(d, d, generator=g).to(device)
+    gflop = 6.0 * k * batch / 1e9
+    t = {}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t["matmul fp32"] = timer(lambda: x @ w.T, repeats, device)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        t["matmul tf32"] = timer(lambda: x @ w.T, repeats, device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        xb, wb = x.bfloat16(), w.bfloat16()
+        t["matmul bf16"] = timer(lambda: xb @ wb.T, repeats, device)
+    with torch.no_grad():
+        if reference:
+            t["reference walk"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="reference"),
+                                        max(3, repeats // 4), device)
+        t["kama cuda fp32"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
+        xb16, ab16 = x.bfloat16(), angles.bfloat16()
+        t["kama cuda bf16 i/o"] = timer(lambda: kama.givens_apply(xb16, plan, ab16, backend="cuda"), repeats, device)
+    base = t["matmul fp32"]
+    rows = [f"| {d} | {batch} | {name} | {sec * 1e3:.3f} | {base / sec:.2f}x | "
+            + (f"{gflop / sec / 1e3:.2f}" if name.startswith(("kama", "reference")) else "") + " |"
+            for name, sec in t.items()]
+    # forward + backward against nn.Linear (fp32, TF32 off)
+    lin = torch.nn.Linear(d, d, device=device)
+    xg = x.clone().requires_grad_(True)
+    ag = angles.clone().requires_grad_(True)
+
+    def lin_fb():
+        lin(xg).sum().backward()
+
+    def kama_fb():
+        kama.givens_apply(xg, plan, ag, backend="cuda").sum().backward()
+
+    t_lin, t_kama = timer(lin_fb, repeats, device), timer(kama_fb, repeats, device)
+    mem = ""
+    if device == "cuda":
+        y = kama.givens_apply(xg, plan, ag, backend="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        y.sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        mem = f"{extra / (x.numel() * x.element_size()):.2f}x input"
+    fb = [f"| {d} | {batch} | {t_lin * 1e3:.3f} | {t_kama * 1e3:.3f} | {t_lin / t_kama:.2f}x | "
+          f"{3 * gflop / t_kama / 1e3:.2f} | {mem} |"]
+    return rows, fb
+
+
+def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
+    k = math.ceil(5 * d * math.log(d))
+    g = torch.Generator().manual_seed(0)
+    plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
+    angles = kama.random_angles(k, generator=g).to(device)
+    x = torch.randn(batch, d, generator=g).to(device)
+    old = _triton.SCRATCH_BYTES
+    rows = []
+    try:
+        for kib in (16, 32, 64, 96, 128, 192):
+            _triton.SCRATCH_BYTES = kib * 1024
+            with torch.no_grad():
+                sec = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
+            rows.append(f"| {d} | {batch} | {kib} | {_triton.tile_rows(batch, d, 4)} | {sec * 1e3:.3f} |")
+    finally:
+        _triton.SCRATCH_BYTES = old
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--batches", type=int, nargs="+", default=[8192])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) layered pure-PyTorch walk")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU through Triton's interpreter")
+    ap.add_argument("--write", type=Path, default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        device, args.dims, args.batches, args.repeats, args.write = "cpu", [16], [24], 1, None
+    elif not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device (or --smoke to check the script on CPU)")
+    else:
+        device = "cuda"
+    if not _triton.available():
+        sys.exit(f"Triton is not available: {_triton.import_error()}")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter, smoke test)"
+    lines = ["## GPU: Triton kernels vs dense products", "",
+             *provenance_lines("python " + " ".join(sys.argv), "GPU"), f"Device: {name}.", "",
+             "Correctness on the device:", *check(device), "",
+             "Forward, fp32 input and output (ratio = fp32 matmul time / time; > 1 is faster; TFLOP/s counts 6 "
+             "flops per rotation per vector):", "",
+             "| d | B | method | ms | vs fp32 matmul | TFLOP/s |", "|---|---|---|---|---|---|"]
+    fb_lines = ["", "Forward + backward (input and angle gradients) vs `nn.Linear` (fp32, TF32 off):", "",
+                "| d | B | nn.Linear ms | kama ms | ratio | TFLOP/s | backward peak extra memory |",
+                "|---|---|---|---|---|---|---|"]
+    sweep_lines = ["", "Scratch per program (sets rows per tile), forward fp32:", "",
+                   "| d | B | scratch KiB | rows per tile | ms |", "|---|---|---|---|---|"]
+    for d in args.dims:
+        for batch in args.batches:
+            rows, fb = bench(d, batch, args.repeats, device, not args.no_reference)
+            lines += rows
+            fb_lines += fb
+            sweep_lines += sweep(d, batch, max(3, args.repeats // 2), device)
+            print("\n".join(rows + fb), flush=True)
+    lines += fb_lines + sweep_lines
+    print("\n".join(lines))
+    write_section(args.write, "gpu", lines)
+
+
+if __name__ == "__main__":
+    main()

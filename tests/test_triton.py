@@ -1,0 +1,160 @@
+"""The Triton GPU kernels: agreement with the reference walk and the dense oracle (outputs and gradients),
+16-bit input/output with float32 state, strided and empty inputs, the persistent loop over tiles, dispatch and
+the fallback when Triton is missing.
+
+On a machine with a CUDA device they run on the GPU; without one, on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py), which executes the same kernel source."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kama
+from conftest import oracle_matrix, tol
+from kama import _triton, givens
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not _triton.available() or not (CUDA or _triton.interpreting()),
+                                reason="needs Triton and a CUDA device or TRITON_INTERPRET=1")
+
+
+def _problem(d, k, n, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = kama.random_pairs(d, k, generator=g) if d > 1 else torch.zeros(0, 2, dtype=torch.long)
+    angles = kama.random_angles(pairs.shape[0], generator=g, dtype=dtype).to(DEV)
+    x = torch.randn(n, d, generator=g, dtype=dtype).to(DEV)
+    return pairs, angles, x
+
+
+def _fwd_bwd(x, pairs, angles, backend, transpose=False, w=None):
+    x = x.detach().clone().requires_grad_(True)
+    a = angles.detach().clone().requires_grad_(True)
+    y = kama.givens_apply(x, pairs, a, backend=backend, transpose=transpose)
+    w = torch.ones_like(y) if w is None else w
+    (y * w).sum().backward()
+    return y.detach(), x.grad, a.grad
+
+
+@settings(max_examples=12, deadline=None)
+@given(d=st.integers(2, 40), k=st.integers(0, 120), n=st.integers(0, 40), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float64]), transpose=st.booleans())
+def test_matches_dense_oracle(d, k, n, seed, dtype, transpose):
+    pairs, angles, x = _problem(d, k, n, dtype, seed)
+    w = torch.randn(n, d, dtype=dtype, generator=torch.Generator().manual_seed(seed)).to(DEV)
+    y, gx, ga = _fwd_bwd(x, pairs, angles, "cuda", transpose, w)
+    a64 = angles.detach().double().cpu().requires_grad_(True)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    m = oracle_matrix(pairs, a64, d)
+    y64 = x64 @ (m if transpose else m.T)
+    (y64 * w.double().cpu()).sum().backward()
+    t = tol(dtype, k, d)
+    assert y.shape == (n, d) and y.dtype == dtype
+    torch.testing.assert_close(y.double().cpu(), y64.detach(), atol=t, rtol=t)
+    torch.testing.assert_close(gx.double().cpu(), x64.grad, atol=t, rtol=t)
+    ga64 = torch.zeros(k, dtype=torch.float64) if a64.grad is None else a64.grad
+    torch.testing.assert_close(ga.double().cpu(), ga64, atol=t * max(1, n) * d, rtol=t)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_persistent_loop_over_many_tiles_matches_reference(monkeypatch, transpose):
+    # A 1 KiB scratch forces 8-row tiles: 70 rows = 9 tiles over 3 programs (or the GPU's grid).
+    monkeypatch.setattr(_triton, "SCRATCH_BYTES", 1024)
+    assert _triton.tile_rows(70, 33, 8) == 8
+    pairs, angles, x = _problem(33, 300, 70)
+    w = torch.randn_like(x)
+    out = _fwd_bwd(x, pairs, angles, "cuda", transpose, w)
+    ref = _fwd_bwd(x, pairs, angles, "reference", transpose, w)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
+def test_tile_rows_rule(monkeypatch):
+    monkeypatch.setattr(_triton, "SCRATCH_BYTES", 96 * 1024)
+    assert _triton.tile_rows(8192, 1024, 4) == 16
+    assert _triton.tile_rows(8192, 4096, 4) == 8
+    assert _triton.tile_rows(8192, 64, 4) == 64
+    assert _triton.tile_rows(3, 64, 4) == 8
+    assert _triton.tile_rows(20, 64, 4) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_in_and_out_with_float32_state(dtype):
+    pairs, angles, x = _problem(19, 200, 12, torch.float32)
+    x16, a16 = x.to(dtype), angles.to(dtype)
+    y = kama.givens_apply(x16, pairs, a16, backend="cuda")
+    ref = kama.givens_apply(x16.float(), pairs, a16.float(), backend="reference")
+    assert y.dtype == dtype
+    # one rounding at the end: within one unit in the last place of the float32 result
+    assert (y.float() - ref).abs().max() <= torch.finfo(dtype).eps * ref.abs().max()
+    xg = x16.clone().requires_grad_(True)
+    kama.givens_apply(xg, pairs, a16, backend="cuda").float().pow(2).sum().backward()
+    assert xg.grad.dtype == dtype and torch.isfinite(xg.grad.float()).all()
+
+
+def test_strided_batched_and_empty_inputs():
+    pairs, angles, _ = _problem(9, 60, 1)
+    base = torch.randn(4, 5, 18, dtype=torch.float64, device=DEV)
+    for x in (base[..., ::2], base[::2, :, :9], base.transpose(0, 1)[..., 3:12]):
+        y = kama.givens_apply(x, pairs, angles, backend="cuda")
+        torch.testing.assert_close(y, kama.givens_apply(x, pairs, angles, backend="reference"), atol=1e-12,
+                                   rtol=1e-12)
+    empty = torch.zeros(0, 9, dtype=torch.float64, device=DEV, requires_grad=True)
+    a = angles.clone().requires_grad_(True)
+    y = kama.givens_apply(empty, pairs, a, backend="cuda")
+    y.sum().backward()
+    assert y.shape == (0, 9) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+def test_gradcheck_and_double_backward():
+    pairs, angles, x = _problem(4, 5, 2)
+    x.requires_grad_(True)
+    angles.requires_grad_(True)
+    fn = lambda x, a: kama.givens_apply(x, pairs, a, backend="cuda")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, angles))
+    # the recorded backward (TRPO's Hessian-vector products) goes through the reference walk
+    assert torch.autograd.gradgradcheck(fn, (x, angles))
+
+
+def test_kama_linear_and_auto_dispatch_on_cuda():
+    if not CUDA:
+        pytest.skip("dispatch to 'cuda' needs CUDA tensors")
+    layer = kama.KamaLinear(50, 30, generator=torch.Generator().manual_seed(0)).to("cuda")
+    x = torch.randn(70, 50, device="cuda")
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_backend_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
+    pairs, angles, x = _problem(5, 10, 3)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        kama.givens_apply(x.cpu(), pairs, angles.cpu(), backend="cuda")
+
+
+def test_missing_triton_falls_back_with_one_warning(monkeypatch):
+    pairs, angles, x = _problem(5, 10, 3)
+    expected = kama.givens_apply(x, pairs, angles, backend="reference")
+    monkeypatch.setattr(_triton, "available", lambda: False)
+    monkeypatch.setattr(_triton, "import_error", lambda: "ImportError: simulated")
+    monkeypatch.setattr(givens, "_WARNED_NO_TRITON", False)
+    with pytest.warns(RuntimeWarning, match="Triton is not available"):
+        y = kama.givens_apply(x, pairs, angles, backend="cuda")
+    torch.testing.assert_close(y, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kama.givens_apply(x, pairs, angles, backend="cuda")
+    assert not givens.cuda_kernel_available()
+    assert givens.choose_backend(4096, 1024, givens.as_plan(pairs, 5), device="cuda") in ("reference", "dense")
+
+
+def test_cost_model_on_cuda_devices():
+    g = torch.Generator().manual_seed(0)
+    big = givens.GivensPlan(kama.random_pairs(4096, 170_360, generator=g), 4096)
+    deep = givens.GivensPlan(kama.random_pairs(16, 5000, generator=g), 16)  # k >> d^2: materializing wins
+    assert givens.choose_backend(8192, 4096, big, device="cuda") == "cuda"
+    assert givens.choose_backend(8192, 16, deep, device="cuda") == "dense"
