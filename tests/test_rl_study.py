@@ -82,6 +82,41 @@ def test_killed_study_resumes(tmp_path):
     assert (first / "config.json").stat().st_mtime_ns == stamp
 
 
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ps")
+def test_pool_workers_exit_when_the_study_process_is_killed(tmp_path):
+    cfg = {**TINY, "architectures": ["mlp"], "seeds": [0, 1], "total_timesteps": 100_000, "eval_every": 50_000}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "kama.cli", "rl", "study", "--config", str(path), "--out", str(tmp_path / "o"),
+           "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: set[int] = set()
+    while time.time() < deadline and len(workers) < 2:
+        workers = {c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()}
+        time.sleep(0.2)
+    assert workers, "no pool worker started"
+    os.kill(proc.pid, signal.SIGKILL)  # only the parent: it cannot shut its pool down
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "pool workers outlived the killed study process"
+
+
 def test_process_pool_backend(tmp_path):
     folders = run_study(load_study_config(TINY), tmp_path, workers=2, progress=False)
     assert all(is_finished(f) for f in folders)

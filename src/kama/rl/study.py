@@ -183,6 +183,20 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local", wo
     return list(folders.values())
 
 
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Pool-worker initializer: end this worker when the study process that started it dies (killed with
+    SIGKILL it cannot shut its pool down, and orphaned workers would go on training and writing)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kama-parent-watch", daemon=True).start()
+
+
 def _run_local(todo: Iterable[RunConfig], folders: dict[str, Path], workers: int, bar: Any) -> None:
     todo = list(todo)
     if not todo:
@@ -193,7 +207,8 @@ def _run_local(todo: Iterable[RunConfig], folders: dict[str, Path], workers: int
             _run_one(r, str(folders[run_id(r)]))
             bar.update(1)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_run_one, r, str(folders[run_id(r)])): r for r in todo}
         for fut in as_completed(futures):
             fut.result()
