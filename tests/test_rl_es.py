@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("sb3_contrib")
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+
 from kama.cli import main  # noqa: E402
-from kama.rl.es import ESConfig, StructuredARSPolicy, make_es_model, train_es, validate_es  # noqa: E402
+from kama.rl.es import ESConfig, RayAsyncEval, StructuredARSPolicy, make_es_model, train_es, validate_es  # noqa: E402
 
 FAST = {"env_id": "InvertedPendulum-v5", "hidden": 8, "num_rotations": 20, "population": 8, "eval_episodes": 3}
 
@@ -61,6 +65,7 @@ def test_fast_predictions_equal_the_torch_forward(arch):
     ({"env_id": "NoSuchEnv-v0"}, "not a registered gymnasium environment"),
     ({"env_id": "CartPole-v1"}, "action space must be a 1-D gymnasium.spaces.Box"),
     ({"workers": 0}, "workers must be >= 1"),
+    ({"backend": "slurm"}, "backend must be one of"),
 ])
 def test_bad_es_config_fails_before_any_rollout(change, match):
     with pytest.raises(ValueError, match=match):
@@ -74,3 +79,27 @@ def test_cli_es(tmp_path, capsys):
     assert (out / "returns.csv").exists() and (out / "model.zip").exists()
     assert main(["rl", "es", "--population", "3", "--out", str(tmp_path / "x")]) == 2
     assert "population must be even" in capsys.readouterr().err
+
+
+def test_worker_processes_and_ray_actors_give_the_same_run(tmp_path):
+    pytest.importorskip("ray")
+    cfg = ESConfig(**FAST, total_timesteps=2000, eval_every=1000, workers=2)
+    local = returns(train_es(cfg, tmp_path / "local"))
+    ray_run = returns(train_es(dataclasses.replace(cfg, backend="ray"), tmp_path / "ray"))
+    assert local == ray_run and len(local) >= 3
+
+
+def test_ray_evaluator_protocol_errors():
+    ray = pytest.importorskip("ray")
+    cfg = ESConfig(**{**FAST, "normalize_observations": False})
+    model = make_es_model(cfg)
+    ev = RayAsyncEval([lambda: make_vec_env(cfg.env_id, n_envs=1, seed=1)], model.policy)
+    try:
+        with pytest.raises(RuntimeError, match="get_results called before send_jobs"):
+            ev.get_results()
+        with pytest.raises(RuntimeError, match="sync_obs_rms needs environments wrapped in VecNormalize"):
+            ev.sync_obs_rms(None)
+        assert ev.get_obs_rms() == [None] and ev.seed(None) == []
+    finally:
+        ev.close()
+    assert not ray.is_initialized()

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--no-obs-norm", action="store_true", help="disable observation normalization")
     es.add_argument("--eval-every", type=int, default=10_000)
     es.add_argument("--eval-episodes", type=int, default=3)
-    es.add_argument("--workers", type=int, default=1, help="candidate-evaluation processes")
+    es.add_argument("--workers", type=int, default=1, help="candidate-evaluation workers (processes or Ray actors)")
+    es.add_argument("--backend", default="local", help="local (worker processes) or ray (Ray actors)")
+    es.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--out", default=None, help="output folder (default: results/es/ENV-POLICY-sSEED)")
     rp = rl_sub.add_parser("report", help="figures, CSVs and report.md from finished study folders (no training)")
@@ -122,7 +124,8 @@ def _rl(args: argparse.Namespace) -> int:
                            num_rotations=args.rotations, total_timesteps=args.steps, population=args.population,
                            n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
                            normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,
-                           eval_episodes=args.eval_episodes, workers=args.workers, seed=args.seed)
+                           eval_episodes=args.eval_episodes, workers=args.workers, backend=args.backend,
+                           ray_address=args.ray_address, seed=args.seed)
             out = args.out or f"results/es/{args.env}-{args.policy}-s{args.seed}"
             train_es(cfg, out)
         except (ValueError, TypeError) as e:

@@ -3,8 +3,11 @@ and MLP policies, with observation normalization (``VecNormalize``), antithetic 
 selection as ARS defines them, and rollouts through :class:`kama.rl.fast.FastActor`.
 
 The optimizer is sb3-contrib's ARS (Mania et al., 2018), not a home-made one; this module adds the structured
-policy and its fast inference. Candidates are evaluated in this process (``workers=1``) or by sb3-contrib's
-``AsyncEval`` worker processes (``workers > 1``); ARS offers no Ray backend.
+policy, its fast inference and a Ray evaluator. Candidates are evaluated in this process (``workers=1``), by
+sb3-contrib's ``AsyncEval`` worker processes (``workers > 1``, ``backend="local"``) or by Ray actors
+(``backend="ray"``: :class:`RayAsyncEval`, the same protocol on a cluster). Worker ``i`` always owns the
+environment seeded ``seed + 1 + i`` and candidates ``i, i + workers, ...``, so a seed gives the same run with
+either backend.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from ..experiments.base import atomic_write_text, provenance, write_csv
 from .fast import FastActor
 from .policies import ARCHITECTURES, check_env, check_spaces, structured_layer
 
-__all__ = ["StructuredARSPolicy", "ESConfig", "validate_es", "make_es_model", "train_es"]
+__all__ = ["StructuredARSPolicy", "ESConfig", "validate_es", "make_es_model", "train_es", "RayAsyncEval",
+           "ES_BACKENDS"]
+
+ES_BACKENDS: tuple[str, ...] = ("local", "ray")
 
 
 class StructuredARSPolicy(ARSPolicy):
@@ -105,7 +111,10 @@ class ESConfig:
         learning_rate: ARS step size.
         normalize_observations: running observation normalization (``VecNormalize``).
         eval_every, eval_episodes: evaluation schedule (deterministic, normalized observations).
-        workers: candidate-evaluation processes (1: this process).
+        workers: candidate-evaluation workers (1: this process).
+        backend: ``"local"`` (worker processes on this machine) or ``"ray"`` (Ray actors; ``RAY_ADDRESS`` or
+            ``ray_address`` names the cluster, else a local instance is started).
+        ray_address: Ray cluster address (``backend="ray"`` only).
         seed: seed of ARS, the policy and the environments.
     """
 
@@ -122,6 +131,8 @@ class ESConfig:
     eval_every: int = 10_000
     eval_episodes: int = 3
     workers: int = 1
+    backend: str = "local"
+    ray_address: str | None = None
     seed: int = 0
 
 
@@ -145,7 +156,127 @@ def validate_es(cfg: ESConfig) -> None:
     check_int("eval_every", cfg.eval_every, minimum=1)
     check_int("eval_episodes", cfg.eval_episodes, minimum=1)
     check_int("workers", cfg.workers, minimum=1)
+    check_choice("backend", cfg.backend, ES_BACKENDS)
     check_env(cfg.env_id)
+
+
+class _RolloutWorker:
+    """One Ray actor: an environment (with its own observation filter) and a policy that loads candidates.
+    The same steps as sb3-contrib's ``AsyncEval`` worker process, so both backends give the same returns."""
+
+    def __init__(self, make_env: Any, policy: Any) -> None:
+        from stable_baselines3.common.vec_env import unwrap_vec_normalize
+
+        torch.set_num_threads(1)
+        self.env = make_env()
+        self.policy = policy
+        self.norm = unwrap_vec_normalize(self.env)
+
+    def evaluate(self, jobs: list[tuple[int, np.ndarray]], n_eval_episodes: int) -> list[tuple[int, tuple]]:
+        results = []
+        for idx, weights in jobs:
+            self.policy.load_from_vector(weights)
+            rewards, lengths = evaluate_policy(self.policy, self.env, n_eval_episodes=n_eval_episodes,
+                                               return_episode_rewards=True, warn=False)
+            results.append((idx, (rewards, lengths)))
+        return results
+
+    def seed(self, seed: int) -> Any:
+        return self.env.seed(seed=seed)
+
+    def set_options(self, options: Any) -> Any:
+        return self.env.set_options(options)
+
+    def get_obs_rms(self) -> Any:
+        return None if self.norm is None else self.norm.obs_rms
+
+    def sync_obs_rms(self, obs_rms: Any) -> None:
+        if self.norm is None:
+            raise RuntimeError("sync_obs_rms needs environments wrapped in VecNormalize")
+        self.norm.obs_rms = obs_rms
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class RayAsyncEval:
+    """sb3-contrib's ``AsyncEval`` protocol (what ``ARS.learn(async_eval=...)`` calls) served by Ray actors,
+    one per environment factory, so that candidate rollouts run across a Ray cluster.
+
+    Candidate ``c`` goes to worker ``c % len(envs_fn)``, as in ``AsyncEval``; results, observation filters
+    and seeds are gathered in worker order, so the run does not depend on which machine answers first.
+
+    Args:
+        envs_fn: one callable per worker returning its (VecNormalize-wrapped) vectorized environment.
+        train_policy: the policy each worker copies to load candidates into.
+        n_eval_episodes: episodes per candidate.
+        address: Ray cluster address (default: ``RAY_ADDRESS``, else a local instance started here and shut down
+            by :meth:`close`).
+    """
+
+    def __init__(self, envs_fn: list[Any], train_policy: Any, n_eval_episodes: int = 1,
+                 address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError as e:  # pragma: no cover - depends on the ray extra
+            raise ImportError("backend='ray' needs the ray extra: pip install 'kama-nn[ray]'") from e
+        import os
+
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     log_to_driver=False)
+            self._started = True
+        actor = ray.remote(num_cpus=1)(_RolloutWorker)
+        self.remotes = [actor.remote(fn, train_policy) for fn in envs_fn]
+        self.n_eval_episodes = n_eval_episodes
+        self._pending: list[Any] | None = None
+        self.closed = False
+
+    @property
+    def waiting(self) -> bool:
+        return self._pending is not None
+
+    def send_jobs(self, candidate_weights: torch.Tensor, pop_size: int) -> None:
+        jobs: list[list[tuple[int, np.ndarray]]] = [[] for _ in self.remotes]
+        for idx in range(pop_size):
+            jobs[idx % len(self.remotes)].append((idx, candidate_weights[idx].detach().cpu()))
+        self._pending = [w.evaluate.remote(j, self.n_eval_episodes) for w, j in zip(self.remotes, jobs, strict=True)]
+
+    def get_results(self) -> list[tuple[int, tuple]]:
+        if self._pending is None:
+            raise RuntimeError("get_results called before send_jobs")
+        results = self._ray.get(self._pending)
+        self._pending = None
+        return [r for worker in results for r in worker]
+
+    def seed(self, seed: int | None = None) -> list[Any]:
+        if seed is None:
+            return []
+        return self._ray.get([w.seed.remote(seed + i) for i, w in enumerate(self.remotes)])
+
+    def set_options(self, options: Any = None) -> list[Any]:
+        return self._ray.get([w.set_options.remote(options) for w in self.remotes])
+
+    def get_obs_rms(self) -> list[Any]:
+        return self._ray.get([w.get_obs_rms.remote() for w in self.remotes])
+
+    def sync_obs_rms(self, obs_rms: Any) -> None:
+        self._ray.get([w.sync_obs_rms.remote(obs_rms) for w in self.remotes])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._pending is not None:
+            self._ray.get(self._pending)
+            self._pending = None
+        self._ray.get([w.close.remote() for w in self.remotes])
+        for w in self.remotes:
+            self._ray.kill(w)
+        if self._started:
+            self._ray.shutdown()
+        self.closed = True
 
 
 def _vec_env(cfg: ESConfig, seed: int) -> Any:
@@ -212,12 +343,14 @@ def train_es(cfg: ESConfig, out_dir: str | Path) -> Path:
     cb = _ESCallback(cfg, rows, out / "returns.csv", t0)
     cb.init_callback(model)
     cb.record()
-    async_eval = None
-    if cfg.workers > 1:
+    async_eval: Any = None
+    envs_fn = [lambda i=i: _vec_env(cfg, cfg.seed + 1 + i) for i in range(cfg.workers)]
+    if cfg.backend == "ray":
+        async_eval = RayAsyncEval(envs_fn, model.policy, address=cfg.ray_address)
+    elif cfg.workers > 1:
         from sb3_contrib.common.vec_env import AsyncEval
 
-        async_eval = AsyncEval([lambda i=i: _vec_env(cfg, cfg.seed + 1 + i) for i in range(cfg.workers)],
-                               model.policy)
+        async_eval = AsyncEval(envs_fn, model.policy)
     try:
         model.learn(total_timesteps=cfg.total_timesteps, callback=cb, async_eval=async_eval)
     finally:
