@@ -32,7 +32,7 @@ def model(algo, arch, env="InvertedPendulum-v5", seed=0, **kw):
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
 @pytest.mark.parametrize("arch", ["kama", "toeplitz", "mlp"])
 def test_policies_train_and_every_parameter_changes(algo, arch):
-    m = model(algo, arch)
+    m = model(algo, arch, structured_critic=True)
     before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
     m.learn(1024)
     for n, p in m.policy.named_parameters():
@@ -43,8 +43,8 @@ def test_policies_train_and_every_parameter_changes(algo, arch):
     assert type(m.policy.action_net) is expected and type(m.policy.value_net) is expected
 
 
-def test_dense_critic_and_learned_planes():
-    m = model("ppo", "kama", structured_critic=False, learn_planes=True)
+def test_dense_critic_by_default_and_learned_planes():
+    m = model("ppo", "kama", learn_planes=True)
     assert isinstance(m.policy.value_net, torch.nn.Linear)
     assert isinstance(m.policy.mlp_extractor.value_net[0], torch.nn.Linear)
     assert m.policy.mlp_extractor.policy_net[0].learn_planes

@@ -27,6 +27,10 @@ def test_expand_and_run_ids():
     # kama: 2 K x 2 planes x 2 seeds; mlp: 2 seeds
     assert len(runs) == 10 and len(set(ids)) == 10
     assert "InvertedPendulum-v5__ppo__kama-K20-planes__s1" in ids and "InvertedPendulum-v5__ppo__mlp__s0" in ids
+    sc = [run_id(r) for r in expand(load_study_config({**TINY, "architectures": ["kama", "toeplitz", "mlp"],
+                                                       "structured_critic": True}))]
+    assert sc == ["InvertedPendulum-v5__ppo__kama-K10-sc__s0", "InvertedPendulum-v5__ppo__toeplitz-sc__s0",
+                  "InvertedPendulum-v5__ppo__mlp__s0"]
 
 
 @pytest.mark.parametrize("data, match", [
@@ -151,3 +155,11 @@ def test_report_from_study_folders(tmp_path):
     assert "learning_curves.png" in text and "Table 1" in text and "| InvertedPendulum-v5 | ppo | KAMA |" in text
     assert (tmp_path / "r" / "learning_curves.png").stat().st_size > 0
     assert main(["rl", "report", "--study", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2
+    # a structured-critic study beside it is reported as its own variant
+    sc = load_study_config({**TINY, "architectures": ["kama"], "structured_critic": True})
+    run_study(sc, tmp_path / "s2", workers=1, progress=False)
+    assert main(["rl", "report", "--study", str(tmp_path / "s"), str(tmp_path / "s2"), "--out",
+                 str(tmp_path / "r3")]) == 0
+    text = (tmp_path / "r3" / "report.md").read_text()
+    assert "| InvertedPendulum-v5 | ppo | KAMA (structured critic) | 10 |" in text
+    assert "| InvertedPendulum-v5 | ppo | KAMA | 10 |" in text

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--policy", default="kama", help="kama, toeplitz or mlp")
     tr.add_argument("--hidden", type=int, default=64, help="hidden units h (paper: 64 PPO, 32 TRPO)")
     tr.add_argument("--rotations", type=int, default=200, help="Givens rotations per layer K (paper: 200 / 100)")
-    tr.add_argument("--dense-critic", action="store_true", help="keep the critic unstructured")
+    tr.add_argument("--structured-critic", action="store_true", help="structure the critic too (default: dense)")
     tr.add_argument("--learn-planes", action="store_true", help="learn the rotation planes (section 6.3)")
     tr.add_argument("--steps", type=int, default=100_000, help="environment steps")
     tr.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
@@ -162,7 +162,7 @@ def _rl(args: argparse.Namespace) -> int:
     try:
         algo_kwargs = json.loads(args.algo_kwargs)
         cfg = RunConfig(env_id=args.env, algo=args.algo, architecture=args.policy, hidden=args.hidden,
-                        num_rotations=args.rotations, structured_critic=not args.dense_critic,
+                        num_rotations=args.rotations, structured_critic=args.structured_critic,
                         learn_planes=args.learn_planes, total_timesteps=args.steps, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed, algo_kwargs=algo_kwargs)
         out = args.out or f"results/rl/{args.env}-{args.algo}-{args.policy}-s{args.seed}"

@@ -22,6 +22,22 @@ from .plotting import pyplot
 
 LABEL = {"kama": "KAMA", "toeplitz": "Toeplitz", "mlp": "unstructured"}
 ARCH_ORDER = ("kama", "toeplitz", "mlp")
+
+
+def _variant(r: Any) -> str:
+    """Architecture of a run as reported: ``"kama"``, ``"toeplitz"``, ``"mlp"``, with ``-sc`` when a structured
+    architecture also has a structured critic."""
+    sc = getattr(r, "structured_critic", False) and r.architecture != "mlp"
+    return r.architecture + ("-sc" if sc else "")
+
+
+def _label(variant: str) -> str:
+    base = variant.removesuffix("-sc")
+    return LABEL[base] + (" (structured critic)" if variant != base else "")
+
+
+def _order(variant: str) -> tuple[int, bool]:
+    return ARCH_ORDER.index(variant.removesuffix("-sc")), variant.endswith("-sc")
 PAPER_TABLE1 = {"HalfCheetah-v5": (15, 7), "Walker2d-v5": (15, 7), "Hopper-v5": (17, 8)}
 
 
@@ -100,7 +116,7 @@ def table1(cfg: RLConfig) -> list[dict[str, Any]]:
 def _curves(runs: list[Any], folders: list[Path]) -> dict[tuple, list[tuple[np.ndarray, np.ndarray]]]:
     groups: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
     for r, folder in zip(runs, folders, strict=True):
-        key = (r.env_id, r.algo, r.architecture, r.num_rotations, r.learn_planes)
+        key = (r.env_id, r.algo, _variant(r), r.num_rotations, r.learn_planes)
         groups.setdefault(key, []).append(read_returns(folder))
     return groups
 
@@ -168,7 +184,7 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     main = {k: v for k, v in groups.items() if not k[4] and (k[2] != "kama" or k[3] == default_k.get(k[:2]))}
     _plot_curves(main, out_dir / "learning_curves.png",
                  "Figures 3-4: KAMA vs Toeplitz vs unstructured policies (mean +/- std over seeds)",
-                 lambda k: LABEL[k[2]])
+                 lambda k: _label(k[2]))
     extra = [f"![learning curves]({link_prefix}learning_curves.png)", ""]
     if missing:
         extra += [f"{missing} run(s) not finished yet are left out.", ""]
@@ -184,7 +200,7 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     finals = []
     for r, folder in zip(runs, folders, strict=True):
         _, y = read_returns(folder)
-        finals.append({"task": r.env_id, "algo": r.algo, "architecture": r.architecture, "K": r.num_rotations,
+        finals.append({"task": r.env_id, "algo": r.algo, "architecture": _variant(r), "K": r.num_rotations,
                        "learn_planes": r.learn_planes, "seed": r.seed, "final_return": float(np.mean(y[-3:]))})
     write_csv(out_dir / "final_returns.csv", finals)
     t1 = table1(cfg)
@@ -196,25 +212,26 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     for key in keys:
         vals = [f["final_return"] for f in finals if (f["task"], f["algo"], f["architecture"], f["K"],
                                                        f["learn_planes"]) == key]
-        lines.append(f"| {key[0]} | {key[1]} | {LABEL[key[2]]} | {key[3] if key[2] == 'kama' else '-'} | "
+        lines.append(f"| {key[0]} | {key[1]} | {_label(key[2])} | {key[3] if key[2].startswith('kama') else '-'} | "
                      f"{'learned' if key[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
                      f"{len(vals)} |")
     lines += ["", "Aggregate over tasks: IQM of final returns normalized by the unstructured policy's mean on the "
-              "same task and algorithm, with a 95 % stratified-bootstrap interval:", "",
-              "| algo | architecture | IQM | 95 % CI |", "|---|---|---|---|"]
+              "same task and algorithm, with a 95 % stratified-bootstrap interval (over the tasks each variant ran "
+              "on):", "", "| algo | architecture | tasks | IQM | 95 % CI |", "|---|---|---|---|---|"]
     for algo in sorted({f["algo"] for f in finals}):
         tasks = sorted({f["task"] for f in finals if f["algo"] == algo})
         base = {t: np.mean([f["final_return"] for f in finals if f["algo"] == algo and f["task"] == t
                             and f["architecture"] == "mlp"] or [np.nan]) for t in tasks}
-        for arch in ARCH_ORDER:
+        for arch in sorted({f["architecture"] for f in finals if f["algo"] == algo}, key=_order):
             cols = [[f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
                      and f["architecture"] == arch and not f["learn_planes"]
-                     and (arch != "kama" or f["K"] == default_k.get((t, algo)))] for t in tasks]
+                     and (not arch.startswith("kama") or f["K"] == default_k.get((t, algo)))] for t in tasks]
+            cols = [c for c in cols if c]  # the tasks this variant was run on
             n = min((len(c) for c in cols), default=0)
             if n == 0 or any(not np.isfinite(base[t]) or base[t] == 0 for t in tasks):
                 continue
             mid, lo, hi = iqm_with_ci(np.array([c[:n] for c in cols]).T)
-            lines.append(f"| {algo} | {LABEL[arch]} | {mid:.3f} | [{lo:.3f}, {hi:.3f}] |")
+            lines.append(f"| {algo} | {_label(arch)} | {len(cols)} | {mid:.3f} | [{lo:.3f}, {hi:.3f}] |")
     lines += ["", "Table 1 (actor parameters relative to the unstructured actor, counted from the models; "
               "paper's values in brackets):", "", "| algo | task | h | K | KAMA | Toeplitz |",
               "|---|---|---|---|---|---|"]

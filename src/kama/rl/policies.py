@@ -4,7 +4,9 @@ Two hidden layers of ``hidden`` units (paper: 64 for PPO, 32 for TRPO) with all 
 structured: ``architecture="kama"`` (:class:`kama.KamaLinear`, ``num_rotations`` Givens rotations per layer,
 the first and last matrices truncated), ``"toeplitz"`` (:class:`kama.ToeplitzLinear`) or ``"mlp"`` (SB3's
 unstructured ``nn.Linear`` baseline, identical to ``MlpPolicy`` with ``net_arch=[hidden, hidden]``). The critic
-is structured the same way unless ``structured_critic=False``.
+is dense (SB3's ``nn.Linear`` layers) unless ``structured_critic=True``: the paper compresses and counts the
+actor, and on Hopper-v5 a KAMA critic kept PPO at a return of ~175 for 300k steps where the same KAMA actor
+with a dense critic kept improving (README, "RL evidence").
 
 Initialization follows SB3's orthogonal scheme with the same gains (sqrt 2 hidden, 0.01 action head, 1 value
 head): a KAMA layer with random angles is a (truncated) orthogonal matrix, so its scalars are set to the gain
@@ -116,7 +118,7 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
         architecture: ``"kama"``, ``"toeplitz"`` or ``"mlp"``.
         hidden: units of each of the two hidden layers (h).
         num_rotations: Givens rotations per KAMA layer (K).
-        structured_critic: structure the critic too (else dense).
+        structured_critic: structure the critic too (default: dense).
         learn_planes: KAMA layers learn their planes (paper section 6.3).
         **kwargs: forwarded to ``ActorCriticPolicy`` (``log_std_init``, ``activation_fn``, ...).
 
@@ -130,7 +132,7 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, lr_schedule: Any, *,
                  architecture: str = "kama", hidden: int = 64, num_rotations: int = 200,
-                 structured_critic: bool = True, learn_planes: bool = False, **kwargs: Any) -> None:
+                 structured_critic: bool = False, learn_planes: bool = False, **kwargs: Any) -> None:
         check_spaces(observation_space, action_space)
         self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
         self.hidden = check_int("hidden", hidden, minimum=1)

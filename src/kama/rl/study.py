@@ -45,6 +45,7 @@ class StudyConfig:
         hidden: hidden units per algorithm (paper: PPO 64, TRPO 32).
         total_timesteps, eval_every, eval_episodes: as :class:`kama.rl.train.RunConfig`.
         algo_kwargs: extra PPO / TRPO keyword arguments per algorithm.
+        structured_critic: structure the critics of KAMA / Toeplitz runs too (run folders get ``-sc``).
     """
 
     tasks: tuple[str, ...] = ("InvertedPendulum-v5",)
@@ -58,6 +59,7 @@ class StudyConfig:
     eval_every: int = 10_000
     eval_episodes: int = 5
     algo_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    structured_critic: bool = False
 
 
 def load_study_config(source: str | Path | dict[str, Any]) -> StudyConfig:
@@ -81,10 +83,13 @@ def load_study_config(source: str | Path | dict[str, Any]) -> StudyConfig:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Folder name of a run: task, algorithm, architecture (with K and planes for KAMA) and seed."""
+    """Folder name of a run: task, algorithm, architecture (with K and planes for KAMA, ``-sc`` for a structured
+    critic) and seed."""
     arch = cfg.architecture
     if arch == "kama":
         arch += f"-K{cfg.num_rotations}" + ("-planes" if cfg.learn_planes else "")
+    if arch != "mlp" and cfg.structured_critic:
+        arch += "-sc"
     return f"{cfg.env_id}__{cfg.algo}__{arch}__s{cfg.seed}"
 
 
@@ -108,6 +113,7 @@ def expand(study: StudyConfig) -> list[RunConfig]:
                         for seed in study.seeds:
                             runs.append(RunConfig(env_id=task, algo=algo, architecture=arch, hidden=hidden,
                                                   num_rotations=k, learn_planes=bool(lp),
+                                                  structured_critic=bool(study.structured_critic),
                                                   total_timesteps=study.total_timesteps,
                                                   eval_every=study.eval_every, eval_episodes=study.eval_episodes,
                                                   seed=seed, algo_kwargs=dict(study.algo_kwargs.get(algo, {}))))

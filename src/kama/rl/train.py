@@ -34,7 +34,8 @@ class RunConfig:
         architecture: ``"kama"``, ``"toeplitz"`` or ``"mlp"``.
         hidden: hidden units h (paper: 64 for PPO, 32 for TRPO).
         num_rotations: K, Givens rotations per KAMA layer (paper: 200 for PPO, 100 for TRPO).
-        structured_critic: structure the critic as the actor.
+        structured_critic: structure the critic as the actor (default: a dense critic; the paper compresses
+            and counts the actor, and a structured critic measurably slows learning on Hopper, see README).
         learn_planes: learn the rotation planes (section 6.3).
         total_timesteps: environment steps.
         eval_every: steps between evaluations (also one at step 0 and one at the end).
@@ -48,7 +49,7 @@ class RunConfig:
     architecture: str = "kama"
     hidden: int = 64
     num_rotations: int = 200
-    structured_critic: bool = True
+    structured_critic: bool = False
     learn_planes: bool = False
     total_timesteps: int = 100_000
     eval_every: int = 10_000
