@@ -103,3 +103,19 @@ def test_ray_evaluator_protocol_errors():
     finally:
         ev.close()
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("arch", ["kama", "mlp"])
+def test_numpy_predict_equals_sb3_predict(arch):
+    from stable_baselines3.common.policies import BasePolicy
+
+    model = make_es_model(ESConfig(**{**FAST, "env_id": "Swimmer-v5", "architecture": arch}))
+    policy: StructuredARSPolicy = model.policy
+    rng = np.random.default_rng(0)
+    for obs in (rng.normal(size=8), rng.normal(size=(5, 8)), rng.normal(size=(1, 8)).astype(np.float32)):
+        fast, _ = policy.predict(obs)
+        ref, _ = BasePolicy.predict(policy, obs)
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype
+        np.testing.assert_array_equal(fast, ref)
+    with pytest.raises(ValueError, match="Error: Unexpected observation shape"):
+        policy.predict(rng.normal(size=(3, 7)))

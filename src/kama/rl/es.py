@@ -92,6 +92,21 @@ class StructuredARSPolicy(ARSPolicy):
             return torch.from_numpy(np.asarray(out, dtype=np.float32))
         return self(observation)
 
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
+                deterministic: bool = False) -> tuple[np.ndarray, Any]:
+        """SB3's ``predict`` (actions rescaled to the action bounds, batch dimension kept or removed as given)
+        without torch on the hot path: NumPy observations go straight through :class:`FastActor`. Anything
+        else (dicts, wrong shapes) takes SB3's own path, with its checks and errors."""
+        shape = tuple(self.observation_space.shape)
+        if not isinstance(observation, np.ndarray) or observation.dtype.kind not in "fiu" \
+                or observation.shape[-len(shape):] != shape or observation.ndim > len(shape) + 1:
+            return super().predict(observation, state, episode_start, deterministic)
+        single = observation.ndim == len(shape)
+        obs = observation.reshape(-1, *shape)
+        actions = np.asarray(self._fast_actor()(obs if not single else obs[0]), dtype=np.float32)
+        actions = self.unscale_action(actions.reshape(-1, *self.action_space.shape))
+        return (actions[0] if single else actions), state
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {"observation_space": self.observation_space, "action_space": self.action_space,
                 "architecture": self.architecture, "hidden": self.hidden, "num_rotations": self.num_rotations}
