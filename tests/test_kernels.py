@@ -145,3 +145,65 @@ def test_scaled_apply_matches_composition():
     out.sum().backward()
     assert xg.grad is not None
     torch.testing.assert_close(givens.givens_apply_scaled(x[None], pairs, angles, scale)[0], ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (7, 7), (1, 6), (6, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kama_linear_matches_the_unfused_composition(monkeypatch, shape, bias, dtype):
+    from kama.nn import _kama_linear_reference, _KamaLinearFunction
+
+    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", 1024)  # several tiles per call
+    i, o = shape
+    layer = kama.KamaLinear(i, o, bias=bias, num_rotations=40, dtype=dtype,
+                            generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 2.0)
+    params = [layer.angles, layer.scale] + ([layer.bias] if bias else [])
+    t = 1e-5 if dtype == torch.float32 else 1e-12
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n in (0, 1, 33, 200):
+                x = torch.randn(n, i, dtype=dtype, generator=torch.Generator().manual_seed(n), requires_grad=True)
+                y = _KamaLinearFunction.apply(x, layer.angles, layer.scale, layer.bias, layer._plan(), o)
+                ref = _kama_linear_reference(x, layer.angles, layer.scale, layer.bias, layer._plan(), o)
+                torch.testing.assert_close(y, ref, atol=t, rtol=t)
+                w = torch.randn_like(ref)
+                g1 = torch.autograd.grad((y * w).sum(), [x, *params], allow_unused=True)
+                g2 = torch.autograd.grad((ref * w).sum(), [x, *params], allow_unused=True)
+                for a, b in zip(g1, g2, strict=True):
+                    torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), atol=t * max(n, 1),
+                                               rtol=t)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernel
+def test_fused_kama_linear_gradcheck_widening_without_bias():
+    layer = kama.KamaLinear(3, 7, bias=False, num_rotations=25, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, angles, scale):
+        return torch.func.functional_call(layer, {"angles": angles, "scale": scale}, (x,))
+
+    args = (x, *[p.detach().clone().requires_grad_(True) for p in (layer.angles, layer.scale)])
+    assert torch.autograd.gradcheck(f, args)
+
+
+@needs_kernel
+def test_fused_kernel_rejects_bad_sizes_itself():
+    x = torch.randn(4, 3)
+    ok = torch.tensor([0], dtype=torch.int32)
+    p = x.data_ptr()
+    with pytest.raises(ValueError, match="invalid sizes: in_f=0"):
+        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok.data_ptr(), ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+    with pytest.raises(ValueError, match="invalid sizes: in_f=3 out_f=0"):
+        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok.data_ptr(), ok.data_ptr(), p, 1, p, 4, 1, 0)
+    with pytest.raises(ValueError, match="pairs must lie in"):
+        givens._cgivens.linear_forward(p, p, 0, 4, 3, 3, ok.data_ptr(), ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+    with pytest.raises(ValueError, match="invalid sizes: k=-1"):
+        givens._cgivens.cos_sin(p, p, p, -1, 0)

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define KAMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -37,6 +38,10 @@ typedef struct {
     const int32_t *ii, *jj;
     const void *c, *s;    /* (k,) cos and sin of the angles, in product order */
     const void *scale;    /* forward: optional (d,) factors applied to the output coordinates, or NULL */
+    /* fused KamaLinear (lin_*): x (N, in_f), out (N, out_f), y = saved rotated state (N, d), bias, scale */
+    const void *bias;
+    int64_t in_f, out_f;
+    double *lacc;         /* lin backward: (nthreads, k + min(in_f, out_f) + out_f) accumulators */
     int64_t n, d, k;
     int reverse;          /* 1: apply r = k-1 .. 0 (M x); 0: r = 0 .. k-1 (M^T x) */
     double sgn;           /* sign applied to s (-1 for the transpose) */
@@ -232,6 +237,118 @@ DEFINE_ALL_T(double, f64)
 DEFINE_WORKERS(float, f32)
 DEFINE_WORKERS(double, f64)
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* Fused KamaLinear: pad / scale the input, rotate, keep and scale the outputs, add the bias, in one pass   */
+/* per tile (and the matching backward), so that small layers (RL policies) pay one call instead of ~10     */
+/* tensor operations. n = d = max(in_f, out_f); narrowing layers (out_f <= in_f, so in_f == d) scale the    */
+/* kept outputs, widening layers (out_f > in_f, so out_f == d) scale the input columns.                     */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define DEFINE_LINEAR(TYPE, SUFFIX)                                                                          \
+    static void *lin_fwd_worker_##SUFFIX(void *arg) {                                                       \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d, in_f = j->in_f, out_f = j->out_f;                              \
+        const int widen = out_f > in_f;                                                                     \
+        const TYPE *x = (const TYPE *)j->x, *sc = (const TYPE *)j->scale, *bias = (const TYPE *)j->bias;    \
+        TYPE *out = (TYPE *)j->gx, *ysave = (TYPE *)j->y;                                                   \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *buf = (TYPE *)buf_get(bytes);                                                                 \
+        if (!buf) { j->status = -1; return NULL; }                                                          \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            memset(buf, 0, bytes);                                                                          \
+            for (int64_t t = 0; t < rows; ++t) {                                                            \
+                const TYPE *src = x + (n0 + t) * in_f;                                                      \
+                if (widen)                                                                                  \
+                    for (int64_t f = 0; f < in_f; ++f) buf[f * T + t] = src[f] * sc[f];                     \
+                else                                                                                        \
+                    for (int64_t f = 0; f < in_f; ++f) buf[f * T + t] = src[f];                             \
+            }                                                                                               \
+            DISPATCH_T(fwd, SUFFIX, T, buf, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k, 1,  \
+                       (TYPE)1)                                                                             \
+            for (int64_t t = 0; t < rows; ++t) {                                                            \
+                if (ysave) {                                                                                \
+                    TYPE *ys = ysave + (n0 + t) * d;                                                        \
+                    for (int64_t f = 0; f < d; ++f) ys[f] = buf[f * T + t];                                 \
+                }                                                                                           \
+                TYPE *dst = out + (n0 + t) * out_f;                                                         \
+                for (int64_t f = 0; f < out_f; ++f) {                                                       \
+                    TYPE v = buf[f * T + t];                                                                \
+                    if (!widen) v *= sc[f];                                                                 \
+                    dst[f] = bias ? v + bias[f] : v;                                                        \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        buf_put(buf, bytes);                                                                                \
+        return NULL;                                                                                        \
+    }                                                                                                       \
+    static void *lin_bwd_worker_##SUFFIX(void *arg) {                                                       \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d, in_f = j->in_f, out_f = j->out_f, k = j->k;                    \
+        const int widen = out_f > in_f;                                                                     \
+        const int64_t m = widen ? in_f : out_f;                                                             \
+        const TYPE *g = (const TYPE *)j->gy, *ysave = (const TYPE *)j->y, *x = (const TYPE *)j->x;          \
+        const TYPE *sc = (const TYPE *)j->scale;                                                            \
+        TYPE *gx = (TYPE *)j->gx;                                                                           \
+        double *acc = j->lacc + (int64_t)j->thread_id * (k + m + out_f);                                   \
+        double *gs = acc + k, *gbias = acc + k + m;                                                         \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *vb = (TYPE *)buf_get(bytes);                                                                  \
+        TYPE *gb = (TYPE *)buf_get(bytes);                                                                  \
+        if (!vb || !gb) { buf_put(vb, bytes); buf_put(gb, bytes); j->status = -1; return NULL; }            \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            load_##SUFFIX(vb, ysave, n0, rows, d, T);                                                       \
+            memset(gb, 0, bytes);                                                                           \
+            for (int64_t t = 0; t < rows; ++t) {                                                            \
+                const TYPE *gr = g + (n0 + t) * out_f, *yr = ysave + (n0 + t) * d;                          \
+                for (int64_t f = 0; f < out_f; ++f) {                                                       \
+                    gbias[f] += (double)gr[f];                                                              \
+                    if (widen) {                                                                            \
+                        gb[f * T + t] = gr[f];                                                              \
+                    } else {                                                                                \
+                        gs[f] += (double)gr[f] * (double)yr[f];                                             \
+                        gb[f * T + t] = gr[f] * sc[f];                                                      \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, k, 1,  \
+                       (TYPE)1, acc)                                                                        \
+            for (int64_t t = 0; t < rows; ++t) {                                                            \
+                TYPE *dst = gx + (n0 + t) * in_f;                                                           \
+                const TYPE *xr = x + (n0 + t) * in_f;                                                       \
+                for (int64_t f = 0; f < in_f; ++f) {                                                        \
+                    const TYPE v = gb[f * T + t];                                                           \
+                    if (widen) {                                                                            \
+                        gs[f] += (double)v * (double)xr[f];                                                 \
+                        dst[f] = v * sc[f];                                                                 \
+                    } else {                                                                                \
+                        dst[f] = v;                                                                         \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        buf_put(vb, bytes);                                                                                 \
+        buf_put(gb, bytes);                                                                                 \
+        return NULL;                                                                                        \
+    }                                                                                                       \
+    static void lin_coef_##SUFFIX(const TYPE *angles, TYPE *c, TYPE *s, int64_t k) {                        \
+        for (int64_t r = 0; r < k; ++r) { c[r] = cos(angles[r]); s[r] = sin(angles[r]); }                   \
+    }                                                                                                       \
+    static void lin_reduce_##SUFFIX(const double *lacc, int nthr, int64_t width, int64_t k, int64_t m,      \
+                                    int64_t out_f, TYPE *ga, TYPE *gs, TYPE *gbias) {                       \
+        for (int64_t q = 0; q < width; ++q) {                                                               \
+            double v = 0;                                                                                   \
+            for (int t = 0; t < nthr; ++t) v += lacc[(int64_t)t * width + q];                              \
+            if (q < k) ga[q] = (TYPE)v;                                                                     \
+            else if (q < k + m) gs[q - k] = (TYPE)v;                                                        \
+            else if (gbias) gbias[q - k - m] = (TYPE)v;                                                     \
+        }                                                                                                   \
+    }
+
+DEFINE_LINEAR(float, f32)
+DEFINE_LINEAR(double, f64)
+
 /* Threads: torch's own OpenMP team when the Python side hands us its GOMP_parallel (no second pool whose  */
 /* threads would compete with torch's spinning OpenMP workers for the same cores), else pthreads.          */
 typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
@@ -351,6 +468,104 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* linear_forward(x, out, ysave, n, in_f, out_f, ii, jj, angles, k, scale, bias, tile, nthreads, is_double) */
+/* ysave (n, max(in_f, out_f)) may be 0 (no gradient needed), bias may be 0.                                */
+static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, out, ysave, ii, jj, angles, scale, bias;
+    long long n, in_f, out_f, k, tile;
+    int nthreads, is_double;
+    if (!PyArg_ParseTuple(args, "KKKLLLKKKLKKLii", &x, &out, &ysave, &n, &in_f, &out_f, &ii, &jj, &angles, &k,
+                          &scale, &bias, &tile, &nthreads, &is_double))
+        return NULL;
+    if (in_f < 1 || out_f < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
+        return NULL;
+    }
+    const long long d = in_f > out_f ? in_f : out_f;
+    if (check_args(n, d, k, tile, ii, jj)) return NULL;
+    if (n == 0) Py_RETURN_NONE;
+    const size_t esz = is_double ? sizeof(double) : sizeof(float);
+    const size_t cbytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
+    char *coef = (char *)buf_get(cbytes);
+    if (!coef) return PyErr_NoMemory();
+    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + k, k);
+    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + k, k);
+    job_t proto = {.x = (const void *)x, .gx = (void *)out, .y = (void *)ysave, .ii = (const int32_t *)ii,
+                   .jj = (const int32_t *)jj, .c = coef, .s = coef + (size_t)k * esz, .scale = (const void *)scale,
+                   .bias = (const void *)bias, .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f, .tile = tile};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_jobs(is_double ? lin_fwd_worker_f64 : lin_fwd_worker_f32, &proto, nthreads);
+    Py_END_ALLOW_THREADS
+    buf_put(coef, cbytes);
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* linear_backward(g, ysave, x, gx, ga, gs, gbias, n, in_f, out_f, ii, jj, angles, k, scale, tile, nthreads,  */
+/* is_double): gx (n, in_f), ga (k,), gs (min(in_f, out_f),), gbias (out_f,) or 0.                            */
+static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
+    unsigned long long g, ysave, x, gx, ga, gs, gbias, ii, jj, angles, scale;
+    long long n, in_f, out_f, k, tile;
+    int nthreads, is_double;
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLLKKKLKLii", &g, &ysave, &x, &gx, &ga, &gs, &gbias, &n, &in_f, &out_f,
+                          &ii, &jj, &angles, &k, &scale, &tile, &nthreads, &is_double))
+        return NULL;
+    if (in_f < 1 || out_f < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
+        return NULL;
+    }
+    const long long d = in_f > out_f ? in_f : out_f;
+    if (check_args(n, d, k, tile, ii, jj)) return NULL;
+    const long long m = in_f < out_f ? in_f : out_f;
+    const size_t esz = is_double ? sizeof(double) : sizeof(float);
+    const int64_t tiles = (n + tile - 1) / tile;
+    int nthr = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    if (nthr > tiles) nthr = tiles > 0 ? (int)tiles : 1;
+    const int64_t width = k + m + out_f;
+    const size_t abytes = (size_t)(nthr * width) * sizeof(double);
+    const size_t cbytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
+    double *lacc = (double *)buf_get(abytes);
+    char *coef = (char *)buf_get(cbytes);
+    if (!lacc || !coef) { buf_put(lacc, abytes); buf_put(coef, cbytes); return PyErr_NoMemory(); }
+    memset(lacc, 0, abytes);
+    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + k, k);
+    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + k, k);
+    job_t proto = {.gy = (const void *)g, .y = (void *)ysave, .x = (const void *)x, .gx = (void *)gx, .lacc = lacc,
+                   .ii = (const int32_t *)ii, .jj = (const int32_t *)jj, .c = coef, .s = coef + (size_t)k * esz,
+                   .scale = (const void *)scale, .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f,
+                   .tile = tile};
+    int status = 0;
+    if (n > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        status = run_jobs(is_double ? lin_bwd_worker_f64 : lin_bwd_worker_f32, &proto, nthr);
+        Py_END_ALLOW_THREADS
+    }
+    if (!status) {
+        if (is_double) lin_reduce_f64(lacc, nthr, width, k, m, out_f, (double *)ga, (double *)gs, (double *)gbias);
+        else lin_reduce_f32(lacc, nthr, width, k, m, out_f, (float *)ga, (float *)gs, (float *)gbias);
+    }
+    buf_put(lacc, abytes);
+    buf_put(coef, cbytes);
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* cos_sin(angles, c, s, k, is_double): the coefficients every C path uses (one libm, bit-identical paths). */
+static PyObject *py_cos_sin(PyObject *self, PyObject *args) {
+    unsigned long long angles, c, s;
+    long long k;
+    int is_double;
+    if (!PyArg_ParseTuple(args, "KKKLi", &angles, &c, &s, &k, &is_double)) return NULL;
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: k=%lld", k);
+        return NULL;
+    }
+    if (is_double) lin_coef_f64((const double *)angles, (double *)c, (double *)s, k);
+    else lin_coef_f32((const float *)angles, (float *)c, (float *)s, k);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
     unsigned long long par, num, tot;
     if (!PyArg_ParseTuple(args, "KKK", &par, &num, &tot)) return NULL;
@@ -370,6 +585,9 @@ static PyMethodDef methods[] = {
      "Use GOMP_parallel, omp_get_thread_num, omp_get_num_threads at these addresses (0, 0, 0: pthreads)."},
     {"forward", py_forward, METH_VARARGS, "Apply rotations in application order to a row-major batch."},
     {"backward", py_backward, METH_VARARGS, "Backward from the saved output (see _cgivens.c)."},
+    {"cos_sin", py_cos_sin, METH_VARARGS, "cos and sin of k angles (float or double)."},
+    {"linear_forward", py_linear_forward, METH_VARARGS, "Fused KamaLinear forward (see _cgivens.c)."},
+    {"linear_backward", py_linear_backward, METH_VARARGS, "Fused KamaLinear backward (see _cgivens.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -491,9 +491,12 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
+    """Pairs and ``cos``/``sin`` of the angles for the C kernels, computed by the extension's libm so that every
+    C path (plain, scaled, fused KamaLinear) rounds them identically."""
     ii, jj = plan.seq
     a = _as(angles.detach(), cdtype)
-    c, s = torch.cos(a), torch.sin(a)
+    c, s = torch.empty_like(a), torch.empty_like(a)
+    _cgivens.cos_sin(a.data_ptr(), c.data_ptr(), s.data_ptr(), a.shape[0], int(cdtype == torch.float64))
     return ii, jj, c, s
 
 

@@ -14,15 +14,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import givens as _givens
 from ._checks import check_int
 from .givens import (
     GEMM_FLOPS,
     WALK_FLOPS,
     GivensPlan,
+    _as,
     _c_backward,
     _c_forward,
     _c_sequence,
     _compute_dtype,
+    _kernel_threads,
+    _tile_width,
     as_plan,
     choose_backend,
     cpu_kernel_available,
@@ -219,25 +223,40 @@ class KamaLinear(nn.Module):
             if self.training and torch.is_grad_enabled() and self.num_rotations > 0:
                 record = self._train_steps % self.plane_update_every == 0
                 self._train_steps += 1
-        if not (torch.is_grad_enabled() and (self.angles.requires_grad or self.scale.requires_grad)):
-            n_rows = x.numel() // self.in_features
+        # One lookup each (nn.Module.__getattr__ is slow on RL-size hot paths); buffers (fixed angles) and
+        # tensors swapped in by torch.func.functional_call take the ordinary attribute path.
+        params = self._parameters
+        angles = params["angles"] if "angles" in params else self.angles
+        scale = params["scale"] if "scale" in params else self.scale
+        bias = params["bias"] if "bias" in params else self.bias
+        n_rows = x.numel() // self.in_features
+        if not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
             if self._dense_wins(n_rows):
-                return F.linear(x, self._cached_dense(), self.bias)
+                return F.linear(x, self._cached_dense(), bias)
         plan = self._plan()
-        if not record and x.device.type == "cpu" and cpu_kernel_available() and x.dtype == self.angles.dtype \
-                and choose_backend(x.numel() // self.in_features, self.n, plan) == "cpu":
-            # One autograd node for pad, rotations, truncation, scalars and bias (RL-size layers are
-            # dominated by per-op overhead).
-            lead = x.shape[:-1]
-            y = _KamaLinearFunction.apply(x.reshape(-1, self.in_features), self.angles, self.scale, self.bias, plan,
+        if not record and x.device.type == "cpu" and x.dtype == angles.dtype and self._fused_wins(n_rows, plan):
+            # One autograd node (one C pass) for pad, rotations, truncation, scalars and bias: RL-size layers are
+            # dominated by per-op overhead.
+            if x.dim() == 2:
+                return _KamaLinearFunction.apply(x, angles, scale, bias, plan, self.out_features)
+            y = _KamaLinearFunction.apply(x.reshape(-1, self.in_features), angles, scale, bias, plan,
                                           self.out_features)
-            return y.reshape(*lead, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features)
         xp = self._pad_input(x)
         y = givens_apply(xp, plan, self.angles)
         if record and y.requires_grad:
             xd = xp.detach()
             y.register_hook(lambda g: self._propose_planes(xd, g))
         return self._finish_output(y)
+
+    def _fused_wins(self, n_rows: int, plan: GivensPlan) -> bool:
+        """Whether ``choose_backend`` picks the compiled kernel for ``n_rows`` (cached per batch size and plan)."""
+        cached = self.__dict__.get("_fused_cache")
+        if cached is not None and cached[0] == n_rows and cached[1] is plan:
+            return cached[2]
+        wins = cpu_kernel_available() and choose_backend(n_rows, self.n, plan) == "cpu"
+        self.__dict__["_fused_cache"] = (n_rows, plan, wins)
+        return wins
 
     def _plan(self) -> GivensPlan:
         """The plan of ``pairs``, kept on the module while ``pairs`` keeps its values (checked each call)."""
@@ -388,13 +407,28 @@ class _KamaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, angles, scale, bias, plan, out_features):  # type: ignore[override]
+        ctx.plan, ctx.out_features = plan, out_features
+        ctx.fused = x.dtype in (torch.float32, torch.float64) and hasattr(_givens._cgivens, "linear_forward")
+        if ctx.fused:  # pad, scale, rotate, truncate and bias in one C pass (cos/sin computed there too)
+            dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
+            xc, a, sc = _as(x, dt), _as(angles.detach(), dt), _as(scale.detach(), dt)
+            b = _as(bias.detach(), dt) if bias is not None else None
+            out = torch.empty(n_rows, out_features, dtype=dt)
+            ysave = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
+            ii, jj = plan.seq
+            _givens._cgivens.linear_forward(
+                xc.data_ptr(), out.data_ptr(), 0 if ysave is None else ysave.data_ptr(), n_rows, in_f, out_features,
+                ii.data_ptr(), jj.data_ptr(), a.data_ptr(), k, sc.data_ptr(), 0 if b is None else b.data_ptr(),
+                _tile_width(n_rows, plan.d, xc.element_size(), 1), _kernel_threads(n_rows, k), int(dt == torch.float64))
+            ctx.save_for_backward(xc, angles, scale, bias, ysave)
+            return out
         coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
         y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), angles, plan, False, coef)
         out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
         if out is y_rot:  # the output must not alias the saved rotated state
             out = y_rot.clone()
         ctx.save_for_backward(x, angles, scale, bias, y_rot)
-        ctx.plan, ctx.out_features, ctx.coef = plan, out_features, coef
+        ctx.coef = coef
         return out
 
     @staticmethod
@@ -413,6 +447,22 @@ class _KamaLinearFunction(torch.autograd.Function):
                     for i, gr in zip(want, grads, strict=True):
                         result[i] = gr
             return (*result, None, None)
+        if ctx.fused:
+            dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
+            gc, a, sc = _as(g, dt), _as(angles.detach(), dt), _as(scale.detach(), dt)
+            gx = torch.empty(n_rows, in_f, dtype=dt)
+            ga = torch.empty(k, dtype=dt)
+            gs = torch.empty(sc.shape[0], dtype=dt)
+            gb = torch.empty(out_features, dtype=dt) if bias is not None else None
+            ii, jj = plan.seq
+            _givens._cgivens.linear_backward(
+                gc.data_ptr(), y_rot.data_ptr(), x.data_ptr(), gx.data_ptr(), ga.data_ptr(), gs.data_ptr(),
+                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, ii.data_ptr(), jj.data_ptr(),
+                a.data_ptr(), k, sc.data_ptr(), _tile_width(n_rows, plan.d, gc.element_size(), 2),
+                _kernel_threads(n_rows, k), int(dt == torch.float64))
+            need = ctx.needs_input_grad
+            return (gx if need[0] else None, ga if need[1] else None, gs if need[2] else None,
+                    gb if need[3] else None, None, None)
         n, in_features = plan.d, x.shape[1]
         gb = g.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
         if out_features <= in_features:
