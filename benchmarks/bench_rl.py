@@ -6,8 +6,9 @@ Usage::
                                   [--write BENCHMARKS.md]
 
 Each measurement trains a fresh model for ``--steps`` steps (rollouts and updates, SB3 defaults: PPO h = 64,
-K = 200; TRPO h = 32, K = 100) and reports steps / second; medians over ``--repeats``; ratios against the MLP
-policy measured in the same run.
+K = 200; TRPO h = 32, K = 100; the structured policies' default dense critic, and KAMA with a structured critic
+as well) and reports steps / second; medians over ``--repeats``; ratios against the MLP policy measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from kama.rl.train import RunConfig, make_model
 
 def steps_per_second(env: str, algo: str, arch: str, steps: int, seed: int) -> float:
     hidden, k = (64, 200) if algo == "ppo" else (32, 100)
-    model = make_model(RunConfig(env_id=env, algo=algo, architecture=arch, hidden=hidden, num_rotations=k,
-                                 seed=seed))
+    model = make_model(RunConfig(env_id=env, algo=algo, architecture=arch.removesuffix("-sc"), hidden=hidden,
+                                 num_rotations=k, structured_critic=arch.endswith("-sc"), seed=seed))
     t0 = time.perf_counter()
     model.learn(steps)
     return steps / (time.perf_counter() - t0)
@@ -44,7 +45,7 @@ def main() -> None:
     rows = []
     for algo in ("ppo", "trpo"):
         res = {}
-        for arch in ("mlp", "kama", "toeplitz"):
+        for arch in ("mlp", "kama", "toeplitz", "kama-sc"):
             res[arch] = statistics.median(steps_per_second(args.env, algo, arch, args.steps, s)
                                           for s in range(args.repeats))
             print(f"{algo} {arch}: {res[arch]:.0f} steps/s (x{res[arch] / res['mlp']:.2f} vs MLP)", flush=True)
@@ -54,11 +55,13 @@ def main() -> None:
     lines = [*provenance_lines(cmd, args.threads),
              f"Environment steps per second while training on {args.env} (rollouts + updates, SB3 defaults), "
              "median of fresh runs; ratio against the MLP policy in the same run.", "",
-             "| algorithm | MLP steps/s | KAMA steps/s | KAMA / MLP | Toeplitz steps/s | Toeplitz / MLP |",
-             "|---|---|---|---|---|---|"]
+             "| algorithm | MLP steps/s | KAMA steps/s | KAMA / MLP | Toeplitz steps/s | Toeplitz / MLP | "
+             "KAMA, structured critic, steps/s | its ratio / MLP |",
+             "|---|---|---|---|---|---|---|---|"]
     for algo, r in rows:
         lines.append(f"| {algo.upper()} | {r['mlp']:.0f} | {r['kama']:.0f} | {r['kama'] / r['mlp']:.2f} | "
-                     f"{r['toeplitz']:.0f} | {r['toeplitz'] / r['mlp']:.2f} |")
+                     f"{r['toeplitz']:.0f} | {r['toeplitz'] / r['mlp']:.2f} | {r['kama-sc']:.0f} | "
+                     f"{r['kama-sc'] / r['mlp']:.2f} |")
     write_section(args.write, "bench_rl", lines)
 
 

@@ -163,3 +163,8 @@ def test_report_from_study_folders(tmp_path):
     text = (tmp_path / "r3" / "report.md").read_text()
     assert "| InvertedPendulum-v5 | ppo | KAMA (structured critic) | 10 |" in text
     assert "| InvertedPendulum-v5 | ppo | KAMA | 10 |" in text
+    assert "| InvertedPendulum-v5 | ppo | unstructured | - | random |" in text and "| 1 |\n" in text
+    # the same baseline run listed by both studies counts once
+    assert main(["rl", "report", "--study", str(tmp_path / "s"), str(tmp_path / "s"), "--out",
+                 str(tmp_path / "r4")]) == 0
+    assert "+/- 0.0 | 1 |" in (tmp_path / "r4" / "report.md").read_text()

@@ -167,11 +167,15 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     """
     from ..rl.study import expand, is_finished, run_id
 
-    runs, folders, missing = [], [], 0
+    runs, folders, missing, seen = [], [], 0, set()
     for study, folder in studies:
         for r in expand(study):
+            key = (r.env_id, r.algo, _variant(r), r.num_rotations, r.learn_planes, r.seed)
+            if key in seen:  # the same run listed by two studies (e.g. shared baselines) counts once
+                continue
             f = Path(folder) / run_id(r)
             if is_finished(f):
+                seen.add(key)
                 runs.append(r)
                 folders.append(f)
             else:
