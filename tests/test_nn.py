@@ -178,9 +178,10 @@ def test_kama_linear_against_explicit_givens_product(i, o, k, batch, seed, dtype
     torch.testing.assert_close(y.double(), full + layer.bias.detach().double(), atol=t, rtol=t)
 
 
-def test_kama_linear_gradcheck_and_gradgradcheck():
-    layer = KamaLinear(5, 3, num_rotations=20, dtype=torch.float64, generator=gen(0))
-    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("shape, batch", [((5, 3), 4), ((3, 4), 9)])  # batch < n: recorded walk; >= n: dense
+def test_kama_linear_gradcheck_and_gradgradcheck(shape, batch):
+    layer = KamaLinear(*shape, num_rotations=20, dtype=torch.float64, generator=gen(0))
+    x = torch.randn(batch, shape[0], dtype=torch.float64, requires_grad=True)
 
     def f(x, angles, scale, bias):
         return torch.func.functional_call(layer, {"angles": angles, "scale": scale, "bias": bias}, (x,))

@@ -389,12 +389,10 @@ class KamaLinear(nn.Module):
 
 
 def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           plan: GivensPlan, out_features: int) -> torch.Tensor:
-    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes (``auto``
-    backend: for large batches and small ``n``, as in TRPO's Hessian-vector products over a whole rollout, the
-    matrix is materialized once and the recorded graph is a GEMM)."""
+                           plan: GivensPlan, out_features: int, backend: str = "auto") -> torch.Tensor:
+    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes."""
     in_features = x.shape[-1]
-    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles)
+    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles, backend=backend)
     return _finish_output(y, scale, bias, in_features, out_features)
 
 
@@ -440,7 +438,11 @@ class _KamaLinearFunction(torch.autograd.Function):
             want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
             result: list[torch.Tensor | None] = [None] * 4
             with torch.enable_grad():
-                out = _kama_linear_reference(x, angles, scale, bias, plan, out_features)
+                # A recorded walk over the batch costs many graph nodes per layer of rotations; when the batch is
+                # at least n rows (TRPO's Hessian-vector products over a whole rollout) the recorded graph is the
+                # walk over the n x n identity plus one GEMM.
+                backend = "dense" if x.shape[0] >= plan.d else "auto"
+                out = _kama_linear_reference(x, angles, scale, bias, plan, out_features, backend)
                 if want:
                     grads = torch.autograd.grad(out, [inputs[i] for i in want], g, create_graph=True,
                                                 allow_unused=True)
