@@ -468,6 +468,28 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Sizes and indices of a fused-layer call; sets *d = max(in_f, out_f). 0, or -1 with a ValueError set. */
+static int lin_check(long long n, long long in_f, long long out_f, long long k, long long tile,
+                     unsigned long long ii, unsigned long long jj, long long *d) {
+    if (in_f < 1 || out_f < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
+        return -1;
+    }
+    *d = in_f > out_f ? in_f : out_f;
+    return check_args(n, *d, k, tile, ii, jj);
+}
+
+/* cos and sin of the k angles in one pooled buffer [c..., s...] of *bytes bytes (NULL if out of memory). */
+static char *lin_coefficients(unsigned long long angles, long long k, int is_double, size_t *bytes) {
+    const size_t esz = is_double ? sizeof(double) : sizeof(float);
+    *bytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
+    char *coef = (char *)buf_get(*bytes);
+    if (!coef) return NULL;
+    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + k, k);
+    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + k, k);
+    return coef;
+}
+
 /* linear_forward(x, out, ysave, n, in_f, out_f, ii, jj, angles, k, scale, bias, tile, nthreads, is_double) */
 /* ysave (n, max(in_f, out_f)) may be 0 (no gradient needed), bias may be 0.                                */
 static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
@@ -477,19 +499,13 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKLLLKKKLKKLii", &x, &out, &ysave, &n, &in_f, &out_f, &ii, &jj, &angles, &k,
                           &scale, &bias, &tile, &nthreads, &is_double))
         return NULL;
-    if (in_f < 1 || out_f < 1) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
-        return NULL;
-    }
-    const long long d = in_f > out_f ? in_f : out_f;
-    if (check_args(n, d, k, tile, ii, jj)) return NULL;
+    long long d;
+    if (lin_check(n, in_f, out_f, k, tile, ii, jj, &d)) return NULL;
     if (n == 0) Py_RETURN_NONE;
     const size_t esz = is_double ? sizeof(double) : sizeof(float);
-    const size_t cbytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
-    char *coef = (char *)buf_get(cbytes);
+    size_t cbytes;
+    char *coef = lin_coefficients(angles, k, is_double, &cbytes);
     if (!coef) return PyErr_NoMemory();
-    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + k, k);
-    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + k, k);
     job_t proto = {.x = (const void *)x, .gx = (void *)out, .y = (void *)ysave, .ii = (const int32_t *)ii,
                    .jj = (const int32_t *)jj, .c = coef, .s = coef + (size_t)k * esz, .scale = (const void *)scale,
                    .bias = (const void *)bias, .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f, .tile = tile};
@@ -511,12 +527,8 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKKKKLLLKKKLKLii", &g, &ysave, &x, &gx, &ga, &gs, &gbias, &n, &in_f, &out_f,
                           &ii, &jj, &angles, &k, &scale, &tile, &nthreads, &is_double))
         return NULL;
-    if (in_f < 1 || out_f < 1) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
-        return NULL;
-    }
-    const long long d = in_f > out_f ? in_f : out_f;
-    if (check_args(n, d, k, tile, ii, jj)) return NULL;
+    long long d;
+    if (lin_check(n, in_f, out_f, k, tile, ii, jj, &d)) return NULL;
     const long long m = in_f < out_f ? in_f : out_f;
     const size_t esz = is_double ? sizeof(double) : sizeof(float);
     const int64_t tiles = (n + tile - 1) / tile;
@@ -524,13 +536,11 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     if (nthr > tiles) nthr = tiles > 0 ? (int)tiles : 1;
     const int64_t width = k + m + out_f;
     const size_t abytes = (size_t)(nthr * width) * sizeof(double);
-    const size_t cbytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
+    size_t cbytes;
     double *lacc = (double *)buf_get(abytes);
-    char *coef = (char *)buf_get(cbytes);
+    char *coef = lin_coefficients(angles, k, is_double, &cbytes);
     if (!lacc || !coef) { buf_put(lacc, abytes); buf_put(coef, cbytes); return PyErr_NoMemory(); }
     memset(lacc, 0, abytes);
-    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + k, k);
-    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + k, k);
     job_t proto = {.gy = (const void *)g, .y = (void *)ysave, .x = (const void *)x, .gx = (void *)gx, .lacc = lacc,
                    .ii = (const int32_t *)ii, .jj = (const int32_t *)jj, .c = coef, .s = coef + (size_t)k * esz,
                    .scale = (const void *)scale, .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f,

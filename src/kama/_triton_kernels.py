@@ -32,6 +32,28 @@ def _store_tile(dst, base, rows, n_rows, stride, d, BB: tl.constexpr, BD: tl.con
                  mask=fmask[:, None] & rmask[None, :])
 
 @triton.jit
+def _layer_bounds(offsets, step, depth, BACKWARDS: tl.constexpr):
+    # Layer visited at ``step``: last layer first when BACKWARDS; its rotations sit at offsets[l]:offsets[l+1].
+    if BACKWARDS:
+        layer = depth - 1 - step
+    else:
+        layer = step
+    return tl.load(offsets + layer), tl.load(offsets + layer + 1)
+
+
+@triton.jit
+def _pair_block(ii, jj, cc, ss, p0, hi, cols, BB: tl.constexpr, BM: tl.constexpr):
+    # BM rotations from p0 (masked at hi): scratch offsets of their rows i and j, cos and sin as columns.
+    p = p0 + tl.arange(0, BM)
+    pm = p < hi
+    i = tl.load(ii + p, mask=pm, other=0)
+    j = tl.load(jj + p, mask=pm, other=0)
+    c = tl.load(cc + p, mask=pm, other=1.0)[:, None]
+    s = tl.load(ss + p, mask=pm, other=0.0)[:, None]
+    return p, pm, i[:, None] * BB + cols[None, :], j[:, None] * BB + cols[None, :], c, s
+
+
+@triton.jit
 def givens_fwd(x, y, scratch, ii, jj, cc, ss, offsets, n_rows, d, depth, n_tiles, stride_x, stride_y,
                REVERSE: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
@@ -43,21 +65,11 @@ def givens_fwd(x, y, scratch, ii, jj, cc, ss, offsets, n_rows, d, depth, n_tiles
         _load_tile(x, base, rows, n_rows, stride_x, d, BB, BD)
         tl.debug_barrier()
         for step in range(0, depth):
-            if REVERSE:
-                layer = depth - 1 - step
-            else:
-                layer = step
-            lo = tl.load(offsets + layer)
-            hi = tl.load(offsets + layer + 1)
+            lo, hi = _layer_bounds(offsets, step, depth, REVERSE)
             for p0 in range(lo, hi, BM):
-                p = p0 + tl.arange(0, BM)
-                pm = p < hi
-                i = tl.load(ii + p, mask=pm, other=0)
-                j = tl.load(jj + p, mask=pm, other=0)
-                c = tl.load(cc + p, mask=pm, other=1.0)[:, None]
-                s = tl.load(ss + p, mask=pm, other=0.0)[:, None]
-                pi = base + i[:, None] * BB + cols[None, :]
-                pj = base + j[:, None] * BB + cols[None, :]
+                _, pm, oi, oj, c, s = _pair_block(ii, jj, cc, ss, p0, hi, cols, BB, BM)
+                pi = base + oi
+                pj = base + oj
                 a = tl.load(pi, mask=pm[:, None], other=0.0)
                 b = tl.load(pj, mask=pm[:, None], other=0.0)
                 tl.store(pi, c * a - s * b, mask=pm[:, None])
@@ -83,21 +95,9 @@ def givens_bwd(y, gy, gx, gpart, scratch, ii, jj, cc, ss, offsets, n_rows, d, k,
         _load_tile(gy, gbase, rows, n_rows, stride_gy, d, BB, BD)
         tl.debug_barrier()
         for step in range(0, depth):
-            if REVERSE:
-                layer = step
-            else:
-                layer = depth - 1 - step
-            lo = tl.load(offsets + layer)
-            hi = tl.load(offsets + layer + 1)
+            lo, hi = _layer_bounds(offsets, depth - 1 - step, depth, REVERSE)  # the forward's order, reversed
             for p0 in range(lo, hi, BM):
-                p = p0 + tl.arange(0, BM)
-                pm = p < hi
-                i = tl.load(ii + p, mask=pm, other=0)
-                j = tl.load(jj + p, mask=pm, other=0)
-                c = tl.load(cc + p, mask=pm, other=1.0)[:, None]
-                s = tl.load(ss + p, mask=pm, other=0.0)[:, None]
-                oi = i[:, None] * BB + cols[None, :]
-                oj = j[:, None] * BB + cols[None, :]
+                p, pm, oi, oj, c, s = _pair_block(ii, jj, cc, ss, p0, hi, cols, BB, BM)
                 vi = tl.load(vbase + oi, mask=pm[:, None], other=0.0)
                 vj = tl.load(vbase + oj, mask=pm[:, None], other=0.0)
                 gi = tl.load(gbase + oi, mask=pm[:, None], other=0.0)
