@@ -66,6 +66,7 @@ def test_fast_predictions_equal_the_torch_forward(arch):
     ({"env_id": "CartPole-v1"}, "action space must be a 1-D gymnasium.spaces.Box"),
     ({"workers": 0}, "workers must be >= 1"),
     ({"backend": "slurm"}, "backend must be one of"),
+    ({"action_gain": 0.0}, "action_gain must be a positive number"),
 ])
 def test_bad_es_config_fails_before_any_rollout(change, match):
     with pytest.raises(ValueError, match=match):
@@ -119,3 +120,11 @@ def test_numpy_predict_equals_sb3_predict(arch):
         np.testing.assert_array_equal(fast, ref)
     with pytest.raises(ValueError, match="Error: Unexpected observation shape"):
         policy.predict(rng.normal(size=(3, 7)))
+
+
+def test_action_gain_sets_the_initial_action_layer_and_is_checked():
+    small = make_es_model(ESConfig(**FAST)).policy
+    big = make_es_model(ESConfig(**{**FAST, "action_gain": 1.0})).policy
+    assert torch.allclose(big.action_net[4].scale, 100 * small.action_net[4].scale)
+    with pytest.raises(ValueError, match="action_gain must be a positive number"):
+        StructuredARSPolicy(small.observation_space, small.action_space, action_gain=-1.0)

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--policy", default="kama", help="kama, toeplitz or mlp")
     es.add_argument("--hidden", type=int, default=16)
     es.add_argument("--rotations", type=int, default=50)
+    es.add_argument("--action-gain", type=float, default=0.01, help="initial gain of the action layer")
     es.add_argument("--steps", type=int, default=200_000)
     es.add_argument("--population", type=int, default=16, help="candidates per iteration (antithetic pairs)")
     es.add_argument("--top", type=int, default=None, help="directions kept per update (default: all)")
@@ -121,7 +122,8 @@ def _rl(args: argparse.Namespace) -> int:
 
         try:
             cfg = ESConfig(env_id=args.env, architecture=args.policy, hidden=args.hidden,
-                           num_rotations=args.rotations, total_timesteps=args.steps, population=args.population,
+                           num_rotations=args.rotations, action_gain=args.action_gain,
+                           total_timesteps=args.steps, population=args.population,
                            n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
                            normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,
                            eval_episodes=args.eval_episodes, workers=args.workers, backend=args.backend,
