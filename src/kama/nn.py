@@ -274,7 +274,11 @@ class KamaLinear(nn.Module):
     # and pairs is untouched. Angles and scalars are checked by value (O(k) per call), not by tensor versions:
     # writes through ``.data`` (TRPO's line search does this) do not bump versions.
     def _dense_wins(self, n_rows: int) -> bool:
+        """Whether materializing W beats the walk for ``n_rows`` rows (cached per batch size and device)."""
         dev = self.angles.device.type
+        cached = self.__dict__.get("_dense_wins_cache")
+        if cached is not None and cached[0] == n_rows and cached[1] == dev:
+            return cached[2]
         if dev == "cpu":
             walk = WALK_FLOPS["cpu" if cpu_kernel_available() else "reference"]
         else:
@@ -282,10 +286,11 @@ class KamaLinear(nn.Module):
         dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS[
             "cuda" if dev == "cuda" else "cpu"]
         walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
+        self.__dict__["_dense_wins_cache"] = (n_rows, dev, dense_s < walk_s)
         return dense_s < walk_s
 
     def _cached_dense(self) -> torch.Tensor:
-        a, sc, p = self.angles, self.scale, self.pairs
+        a, sc, p = self.angles, self.scale, self._buffers["pairs"]
         cache = self.__dict__.get("_dense_cache")
         if cache is not None:
             ca, cs, pkey, w = cache
@@ -301,8 +306,8 @@ class KamaLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_dense_cache", None)
-        state.pop("_plan_cache", None)
+        for key in ("_dense_cache", "_plan_cache", "_fused_cache", "_dense_wins_cache"):
+            state.pop(key, None)
         return state
 
     def to_dense(self) -> torch.Tensor:
