@@ -719,6 +719,14 @@ WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9, "cuda": 10.0e12, "reference_cud
 GEMM_FLOPS = {"cpu": 60e9, "cuda": 50e12}
 
 
+def _throughputs(device: torch.device | str) -> tuple[str, float, float]:
+    """``(walk backend, its FLOP/s, GEMM FLOP/s)`` of the cost model on ``device``."""
+    dev = torch.device(device)
+    walk_backend = {"c": "cpu", "triton": "cuda"}.get(_walk_kernel(dev), "reference")
+    w = WALK_FLOPS[walk_backend if walk_backend != "reference" or dev.type == "cpu" else "reference_cuda"]
+    return walk_backend, w, GEMM_FLOPS["cuda" if dev.type == "cuda" else "cpu"]
+
+
 def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.device | str = "cpu") -> str:
     """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d`` on ``device``.
 
@@ -733,13 +741,10 @@ def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.devic
         >>> choose_backend(4096, 64, plan), choose_backend(64, 64, plan) in ("cpu", "reference")
         ('dense', True)
     """
-    dev = torch.device(device)
-    kernel = _walk_kernel(dev)
-    walk_backend = {"c": "cpu", "triton": "cuda"}.get(kernel, "reference")
-    w = WALK_FLOPS[walk_backend if walk_backend != "reference" or dev.type == "cpu" else "reference_cuda"]
+    walk_backend, w, gemm = _throughputs(device)
     k = plan.num_rotations
     walk = 6.0 * k * n_rows / w
-    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / GEMM_FLOPS["cuda" if dev.type == "cuda" else "cpu"]
+    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / gemm
     return "dense" if dense < walk else walk_backend
 
 

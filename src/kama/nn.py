@@ -17,8 +17,6 @@ from torch.nn import functional as F
 from . import givens as _givens
 from ._checks import check_int
 from .givens import (
-    GEMM_FLOPS,
-    WALK_FLOPS,
     GivensPlan,
     _as,
     _c_backward,
@@ -26,11 +24,11 @@ from .givens import (
     _c_sequence,
     _compute_dtype,
     _kernel_threads,
+    _throughputs,
     _tile_width,
     as_plan,
     choose_backend,
     cpu_kernel_available,
-    cuda_kernel_available,
     default_num_rotations,
     givens_apply,
     givens_matrix,
@@ -279,12 +277,8 @@ class KamaLinear(nn.Module):
         cached = self.__dict__.get("_dense_wins_cache")
         if cached is not None and cached[0] == n_rows and cached[1] == dev:
             return cached[2]
-        if dev == "cpu":
-            walk = WALK_FLOPS["cpu" if cpu_kernel_available() else "reference"]
-        else:
-            walk = WALK_FLOPS["cuda" if dev == "cuda" and cuda_kernel_available() else "reference_cuda"]
-        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / GEMM_FLOPS[
-            "cuda" if dev == "cuda" else "cpu"]
+        _, walk, gemm = _throughputs(self.angles.device)
+        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / gemm
         walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
         self.__dict__["_dense_wins_cache"] = (n_rows, dev, dense_s < walk_s)
         return dense_s < walk_s
