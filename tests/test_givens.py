@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import kama
 from conftest import oracle_matrix, tol
-from kama.givens import GivensPlan, as_plan, choose_backend, cpu_kernel_available, plane_scores
+from kama.givens import GivensPlan, _layered_matrix, as_plan, choose_backend, cpu_kernel_available, plane_scores
 
 BACK = ["reference", "cpu", "dense"]
 
@@ -367,3 +367,23 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(y.cpu(), kama.givens_apply(x, pairs, angles), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="CPU generator"):
         kama.random_pairs(3, 1, generator=torch.Generator("cuda"))
+
+
+@pytest.mark.parametrize("d, k", [(1, 0), (2, 1), (7, 12), (33, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_layered_matrix_matches_the_walk_and_is_twice_differentiable(d, k, dtype, transpose):
+    g = torch.Generator().manual_seed(d + k)
+    pairs = kama.random_pairs(d, k, generator=g) if k else torch.empty(0, 2, dtype=torch.long)
+    plan = as_plan(pairs, d)
+    angles = kama.random_angles(k, generator=g, dtype=dtype)
+    x = torch.randn(5, d, generator=g, dtype=dtype)
+    p = _layered_matrix(plan, angles, transpose)
+    assert p.dtype == dtype and p.shape == (d, d)
+    expected = kama.givens_apply(x, plan, angles, transpose=transpose, backend="reference")
+    t = tol(dtype, k, d)
+    torch.testing.assert_close(x @ p.T, expected, atol=t, rtol=t)
+    if dtype == torch.float64 and k:
+        a = angles.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda a: _layered_matrix(plan, a, transpose), (a,))
+        assert torch.autograd.gradgradcheck(lambda a: _layered_matrix(plan, a, transpose), (a,))

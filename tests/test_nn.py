@@ -178,7 +178,7 @@ def test_kama_linear_against_explicit_givens_product(i, o, k, batch, seed, dtype
     torch.testing.assert_close(y.double(), full + layer.bias.detach().double(), atol=t, rtol=t)
 
 
-@pytest.mark.parametrize("shape, batch", [((5, 3), 4), ((3, 4), 9)])  # batch < n: recorded walk; >= n: dense
+@pytest.mark.parametrize("shape, batch", [((5, 3), 4), ((3, 4), 9)])  # < n: recorded walk; >= n: layer products
 def test_kama_linear_gradcheck_and_gradgradcheck(shape, batch):
     layer = KamaLinear(*shape, num_rotations=20, dtype=torch.float64, generator=gen(0))
     x = torch.randn(batch, shape[0], dtype=torch.float64, requires_grad=True)
@@ -333,3 +333,13 @@ def test_inference_cache_follows_every_write_including_data():
     clone = copy.deepcopy(layer)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 7), (6, 6)])
+def test_kama_to_dense_backends_agree(shape):
+    layer = KamaLinear(*shape, num_rotations=15, generator=gen(1))
+    ref = layer.to_dense()
+    fast = layer.to_dense(backend="auto")
+    torch.testing.assert_close(fast, ref, atol=tol(torch.float32, 15, max(shape)), rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        layer.to_dense(backend="fastest")

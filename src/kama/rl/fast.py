@@ -62,7 +62,8 @@ class FastActor:
         with torch.no_grad():
             for m in self.modules:
                 if isinstance(m, _LAYERS):
-                    w = m.weight if isinstance(m, nn.Linear) else m.to_dense()
+                    w = m.weight if isinstance(m, nn.Linear) else (
+                        m.to_dense(backend="auto") if isinstance(m, KamaLinear) else m.to_dense())
                     b = m.bias
                     self._ops.append(("linear", np.ascontiguousarray(w.detach().cpu().numpy(), dtype=self.dtype),
                                       None if b is None else b.detach().cpu().numpy().astype(self.dtype)))
