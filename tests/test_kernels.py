@@ -226,3 +226,21 @@ def test_kernel_cos_sin_is_accurate_everywhere(dtype):
     for got, ref in ((c, torch.cos(a.double()).to(dtype)), (s, torch.sin(a.double()).to(dtype))):
         assert float((got - ref)[finite].abs().max()) <= eps
         assert torch.isnan(got[~finite]).all()
+
+
+@needs_kernel
+def test_large_plans_reuse_coefficients_only_while_the_angles_keep_their_values():
+    d, k = 64, givens.COEF_CACHE_MIN_ROTATIONS
+    pairs, angles, x = _problem(d=d, k=k, n=3, dtype=torch.float64)
+    plan = givens.as_plan(pairs, d)
+    first = kama.givens_apply(x, plan, angles, backend="cpu")
+    cached = plan._coef_cache
+    torch.testing.assert_close(kama.givens_apply(x, plan, angles, backend="cpu"), first)
+    assert plan._coef_cache is cached  # same values: reused
+    with torch.no_grad():
+        angles[5] += 0.25  # in place: same storage, new value
+    again = kama.givens_apply(x, plan, angles, backend="cpu")
+    torch.testing.assert_close(again, kama.givens_apply(x, plan, angles, backend="reference"), atol=1e-10, rtol=0)
+    assert not torch.allclose(again, first)
+    f32 = kama.givens_apply(x.float(), plan, angles.float(), backend="cpu")  # another dtype: recomputed
+    torch.testing.assert_close(f32, again.float(), atol=1e-4, rtol=0)

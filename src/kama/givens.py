@@ -490,13 +490,27 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+COEF_CACHE_MIN_ROTATIONS = 4096
+"""Plans with at least this many rotations keep the cos/sin of the last angles they were applied with."""
+
+
 def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
-    """Pairs and ``cos``/``sin`` of the angles for the C kernels, computed by the extension's libm so that every
-    C path (plain, scaled, fused KamaLinear) rounds them identically."""
+    """Pairs and ``cos``/``sin`` of the angles for the C kernels, computed by the extension so that every C path
+    (plain, scaled, fused KamaLinear) rounds them identically.
+
+    Large plans reuse the coefficients of their last call while the angles keep their values (checked by value:
+    one comparison costs ~1/15 of recomputing them), which is most of a batch-1 forward at d >= 1024."""
     ii, jj = plan.seq
     a = _as(angles.detach(), cdtype)
+    cache = plan.num_rotations >= COEF_CACHE_MIN_ROTATIONS
+    if cache:
+        hit = plan.__dict__.get("_coef_cache")
+        if hit is not None and hit[0].dtype == a.dtype and hit[0].device == a.device and torch.equal(hit[0], a):
+            return ii, jj, hit[1], hit[2]
     c, s = torch.empty_like(a), torch.empty_like(a)
     _cgivens.cos_sin(a.data_ptr(), c.data_ptr(), s.data_ptr(), a.shape[0], int(cdtype == torch.float64))
+    if cache:
+        plan.__dict__["_coef_cache"] = (a.clone(), c, s)
     return ii, jj, c, s
 
 
