@@ -208,6 +208,12 @@ def test_fused_kernel_rejects_bad_sizes_itself():
         givens._cgivens.linear_forward(p, p, 0, 4, 3, 3, ok.data_ptr(), ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
     with pytest.raises(ValueError, match="invalid sizes: k=-1"):
         givens._cgivens.cos_sin(p, p, p, -1, 0)
+    with pytest.raises(ValueError, match="invalid sizes: nbytes=-1"):
+        givens._cgivens.same_bytes(p, p, -1)
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])
+    assert givens._cgivens.same_bytes(a.data_ptr(), a.clone().data_ptr(), 8)
+    assert not givens._cgivens.same_bytes(a.data_ptr(), b.data_ptr(), 8)
+    assert givens._cgivens.same_bytes(a.data_ptr(), b.data_ptr(), 4)  # only the first float compared
 
 
 @needs_kernel
