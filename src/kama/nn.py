@@ -402,10 +402,10 @@ def _weight_from_matrix(m: torch.Tensor, scale: torch.Tensor, in_features: int, 
 
 
 def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           plan: GivensPlan, out_features: int, backend: str = "auto") -> torch.Tensor:
+                           plan: GivensPlan, out_features: int) -> torch.Tensor:
     """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes."""
     in_features = x.shape[-1]
-    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles, backend=backend)
+    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles)
     return _finish_output(y, scale, bias, in_features, out_features)
 
 
