@@ -1,6 +1,6 @@
 """Probe: separable NES (per-parameter adaptive perturbation scales) on the same policies as the ARS evidence.
 
-    python snes.py ARCH SEED OUT [STEPS]      # ARCH: kama | toeplitz | mlp
+    python snes.py ARCH SEED OUT [STEPS [K [GAIN]]]     # ARCH: kama | toeplitz | mlp; K = 50, GAIN = 0.01
 
 SNES (Schaul et al. 2011; Wierstra et al. 2014): a Gaussian search distribution N(mu, diag(sigma^2)) over the
 policy's parameter vector; mirrored samples; rank utilities; mu += sigma * sum_i u_i z_i and
@@ -57,8 +57,8 @@ def episode(env: gym.Env, policy, norm: RunningNorm, seed: int | None, record: l
     return total, steps
 
 
-def main(arch: str, seed: int, out: str, budget: int = 1_000_000) -> None:
-    model = make_es_model(ESConfig(architecture=arch, hidden=16, num_rotations=50, seed=seed))
+def main(arch: str, seed: int, out: str, budget: int = 1_000_000, k: int = 50, gain: float = 0.01) -> None:
+    model = make_es_model(ESConfig(architecture=arch, hidden=16, num_rotations=k, action_gain=gain, seed=seed))
     policy = model.policy
     mu = torch.nn.utils.parameters_to_vector(policy.parameters()).detach().double().numpy().copy()
     n = mu.size
@@ -111,4 +111,6 @@ def main(arch: str, seed: int, out: str, budget: int = 1_000_000) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1_000_000)
+    a = sys.argv
+    main(a[1], int(a[2]), a[3], int(a[4]) if len(a) > 4 else 1_000_000, int(a[5]) if len(a) > 5 else 50,
+         float(a[6]) if len(a) > 6 else 0.01)
