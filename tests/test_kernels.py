@@ -132,6 +132,8 @@ def test_tile_width_rule(monkeypatch):
     assert givens._tile_width(300, 1024, 4, 1) == 128
     assert givens._tile_width(300, 1024, 4, 2) == 64
     assert givens._tile_width(300, 4096, 8, 2) == 32
+    assert givens._tile_width(300, 4096, 4, 1) == 64  # a forward keeps 64 columns
+    assert givens._tile_width(300, 16384, 4, 1) == 64
 
 
 def test_scaled_apply_matches_composition():
