@@ -32,7 +32,12 @@ import torch  # noqa: E402
 
 import kama  # noqa: E402
 from _bench import provenance_lines, write_section  # noqa: E402
-from kama import _triton  # noqa: E402
+from kama import _cuda, _triton, givens  # noqa: E402
+
+
+def engines(device: str) -> list[str]:
+    """The GPU kernel families to compare: Triton, and NVRTC-compiled CUDA C where it compiles."""
+    return ["triton", "nvrtc"] if device == "cuda" and _cuda.available() else ["triton"]
 
 
 def timer(fn, repeats: int, device: str) -> float:
@@ -64,15 +69,18 @@ def check(device: str) -> list[str]:
         x = torch.randn(n, d, generator=g, dtype=dtype).to(device)
         w = torch.randn(n, d, generator=g, dtype=dtype).to(device)
         outs = {}
-        for backend in ("cuda", "reference"):
+        for backend in ["reference", *engines(device)]:
+            givens.GPU_ENGINE = backend if backend != "reference" else "auto"
             xa, aa = x.clone().requires_grad_(True), angles.clone().requires_grad_(True)
-            y = kama.givens_apply(xa, pairs, aa, backend=backend)
+            y = kama.givens_apply(xa, pairs, aa, backend="cuda" if backend != "reference" else backend)
             (y * w).sum().backward()
             outs[backend] = (y.detach(), xa.grad, aa.grad)
-        errs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-                for a, b in zip(outs["cuda"], outs["reference"], strict=True)]
-        lines.append(f"- {dtype}, d={d}, k={k}, B={n}: max relative deviation from the reference walk: "
-                     f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, angle gradient {errs[2]:.1e}")
+        for eng in engines(device):
+            errs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+                    for a, b in zip(outs[eng], outs["reference"], strict=True)]
+            lines.append(f"- {eng}, {dtype}, d={d}, k={k}, B={n}: max relative deviation from the reference walk: "
+                         f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, angle gradient {errs[2]:.1e}")
+    givens.GPU_ENGINE = "auto"
     return lines
 
 
@@ -97,9 +105,12 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
         if reference:
             t["reference walk"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="reference"),
                                         max(3, repeats // 4), device)
-        t["kama cuda fp32"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
         xb16, ab16 = x.bfloat16(), angles.bfloat16()
-        t["kama cuda bf16 i/o"] = timer(lambda: kama.givens_apply(xb16, plan, ab16, backend="cuda"), repeats, device)
+        for eng in engines(device):
+            givens.GPU_ENGINE = eng
+            t[f"kama {eng} fp32"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
+            t[f"kama {eng} bf16 i/o"] = timer(lambda: kama.givens_apply(xb16, plan, ab16, backend="cuda"), repeats,
+                                             device)
     base = t["matmul fp32"]
     rows = [f"| {d} | {batch} | {name} | {sec * 1e3:.3f} | {base / sec:.2f}x | "
             + (f"{gflop / sec / 1e3:.2f}" if name.startswith(("kama", "reference")) else "") + " |"
@@ -115,19 +126,24 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
     def kama_fb():
         kama.givens_apply(xg, plan, ag, backend="cuda").sum().backward()
 
-    t_lin, t_kama = timer(lin_fb, repeats, device), timer(kama_fb, repeats, device)
-    mem = ""
-    if device == "cuda":
-        y = kama.givens_apply(xg, plan, ag, backend="cuda")
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        y.sum().backward()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
-        mem = f"{extra / (x.numel() * x.element_size()):.2f}x input"
-    fb = [f"| {d} | {batch} | {t_lin * 1e3:.3f} | {t_kama * 1e3:.3f} | {t_lin / t_kama:.2f}x | "
-          f"{3 * gflop / t_kama / 1e3:.2f} | {mem} |"]
+    t_lin = timer(lin_fb, repeats, device)
+    fb = []
+    for eng in engines(device):
+        givens.GPU_ENGINE = eng
+        t_kama = timer(kama_fb, repeats, device)
+        mem = ""
+        if device == "cuda":
+            y = kama.givens_apply(xg, plan, ag, backend="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            y.sum().backward()
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - before
+            mem = f"{extra / (x.numel() * x.element_size()):.2f}x input"
+        fb.append(f"| {d} | {batch} | {eng} | {t_lin * 1e3:.3f} | {t_kama * 1e3:.3f} | {t_lin / t_kama:.2f}x | "
+                  f"{3 * gflop / t_kama / 1e3:.2f} | {mem} |")
+    givens.GPU_ENGINE = "auto"
     return rows, fb
 
 
@@ -137,16 +153,28 @@ def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
     plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
     angles = kama.random_angles(k, generator=g).to(device)
     x = torch.randn(batch, d, generator=g).to(device)
-    old = _triton.SCRATCH_BYTES
+    old = _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS
     rows = []
+
+    def run() -> float:
+        with torch.no_grad():
+            return timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
+
     try:
-        for kib in (16, 32, 64, 96, 128, 192):
+        givens.GPU_ENGINE = "triton"
+        for kib in (32, 96, 192):
             _triton.SCRATCH_BYTES = kib * 1024
-            with torch.no_grad():
-                sec = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
-            rows.append(f"| {d} | {batch} | {kib} | {_triton.tile_rows(batch, d, 4)} | {sec * 1e3:.3f} |")
+            rows.append(f"| {d} | {batch} | triton | {kib} | | {_triton.tile_rows(batch, d, 4)} | {run() * 1e3:.3f} |")
+        givens.GPU_ENGINE = "nvrtc"
+        for kib, threads in ((16, 256), (32, 256), (64, 256), (64, 512), (100, 512), (200, 1024)):
+            if "nvrtc" not in engines(device):
+                break
+            _cuda.TILE_BYTES, _cuda.THREADS = kib * 1024, threads
+            bb = _cuda.tile_rows(d, 4, 1, 4, 227 * 1024)
+            rows.append(f"| {d} | {batch} | nvrtc | {kib} | {threads} | {bb} | {run() * 1e3:.3f} |")
     finally:
-        _triton.SCRATCH_BYTES = old
+        _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS = old
+        givens.GPU_ENGINE = "auto"
     return rows
 
 
@@ -175,10 +203,11 @@ def main() -> None:
              "flops per rotation per vector):", "",
              "| d | B | method | ms | vs fp32 matmul | TFLOP/s |", "|---|---|---|---|---|---|"]
     fb_lines = ["", "Forward + backward (input and angle gradients) vs `nn.Linear` (fp32, TF32 off):", "",
-                "| d | B | nn.Linear ms | kama ms | ratio | TFLOP/s | backward peak extra memory |",
-                "|---|---|---|---|---|---|---|"]
-    sweep_lines = ["", "Scratch per program (sets rows per tile), forward fp32:", "",
-                   "| d | B | scratch KiB | rows per tile | ms |", "|---|---|---|---|---|"]
+                "| d | B | kernels | nn.Linear ms | kama ms | ratio | TFLOP/s | backward peak extra memory |",
+                "|---|---|---|---|---|---|---|---|"]
+    sweep_lines = ["", "Tile size per program / block (sets rows per tile), forward fp32:", "",
+                   "| d | B | kernels | scratch / tile KiB | threads | rows per tile | ms |",
+                   "|---|---|---|---|---|---|---|"]
     for d in args.dims:
         for batch in args.batches:
             rows, fb = bench(d, batch, args.repeats, device, not args.no_reference)

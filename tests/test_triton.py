@@ -16,12 +16,22 @@ from hypothesis import strategies as st
 
 import kama
 from conftest import oracle_matrix, tol
-from kama import _triton, givens
+from kama import _cuda, _triton, givens
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not _triton.available() or not (CUDA or _triton.interpreting()),
                                 reason="needs Triton and a CUDA device or TRITON_INTERPRET=1")
+# On a GPU every test runs for both kernel families: Triton and the NVRTC-compiled CUDA C (kama._cuda).
+ENGINES = ["triton", "nvrtc"] if CUDA and _cuda.available() else ["triton"]
+
+
+@pytest.fixture(scope="module", params=ENGINES, autouse=True)
+def engine(request: pytest.FixtureRequest):
+    old = givens.GPU_ENGINE
+    givens.GPU_ENGINE = request.param
+    yield request.param
+    givens.GPU_ENGINE = old
 
 
 def _problem(d, k, n, dtype=torch.float64, seed=0):
@@ -63,8 +73,12 @@ def test_matches_dense_oracle(d, k, n, seed, dtype, transpose):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_persistent_loop_over_many_tiles_matches_reference(monkeypatch, transpose):
-    # A 1 KiB scratch forces 8-row tiles: 70 rows = 9 tiles over 3 programs (or the GPU's grid).
+    # A 1 KiB scratch forces 8-row tiles: 70 rows = 9 tiles over 3 programs (or the GPU's grid); the CUDA C
+    # kernels get 2-row tiles over at most 4 blocks.
     monkeypatch.setattr(_triton, "SCRATCH_BYTES", 1024)
+    monkeypatch.setattr(_cuda, "TILE_BYTES", 1024)
+    monkeypatch.setattr(_cuda, "MAX_GRID", 4)
+    assert _cuda.tile_rows(33, 8, 2, 2, 48 * 1024) == 2
     assert _triton.tile_rows(70, 33, 8) == 8
     pairs, angles, x = _problem(33, 300, 70)
     w = torch.randn_like(x)
@@ -140,6 +154,7 @@ def test_missing_triton_falls_back_with_one_warning(monkeypatch):
     pairs, angles, x = _problem(5, 10, 3)
     expected = kama.givens_apply(x, pairs, angles, backend="reference")
     monkeypatch.setattr(_triton, "available", lambda: False)
+    monkeypatch.setattr(_cuda, "available", lambda: False)
     monkeypatch.setattr(_triton, "import_error", lambda: "ImportError: simulated")
     monkeypatch.setattr(givens, "_WARNED_NO_TRITON", False)
     with pytest.warns(RuntimeWarning, match="Triton is not available"):
@@ -158,3 +173,72 @@ def test_cost_model_on_cuda_devices():
     deep = givens.GivensPlan(kama.random_pairs(16, 5000, generator=g), 16)  # k >> d^2: materializing wins
     assert givens.choose_backend(8192, 4096, big, device="cuda") == "cuda"
     assert givens.choose_backend(8192, 16, deep, device="cuda") == "dense"
+
+
+def test_cuda_c_tile_rule_and_availability():
+    # rows per tile: largest power of two in [V, 64] whose tiles fit TILE_BYTES; 0 when V rows exceed the limit
+    assert _cuda.TILE_BYTES == 64 * 1024
+    assert _cuda.tile_rows(1024, 4, 1, 4, 227 * 1024) == 16
+    assert _cuda.tile_rows(4096, 4, 1, 4, 227 * 1024) == 4
+    assert _cuda.tile_rows(4096, 4, 2, 4, 227 * 1024) == 4  # over the target: V rows still fit the block
+    assert _cuda.tile_rows(64, 4, 1, 4, 227 * 1024) == 64
+    assert _cuda.tile_rows(16384, 4, 1, 4, 227 * 1024) == 0
+    assert _cuda.tile_rows(4096, 8, 2, 2, 227 * 1024) == 2
+    assert _cuda.available() == (CUDA and hasattr(torch.cuda, "_compile_kernel"))
+    if not CUDA:
+        assert "no CUDA device" in _cuda.import_error() or "_compile_kernel" in _cuda.import_error()
+
+
+def test_unknown_gpu_engine_is_a_value_error(monkeypatch):
+    pairs, angles, x = _problem(5, 10, 3)
+    monkeypatch.setattr(givens, "GPU_ENGINE", "cublas")
+    with pytest.raises(ValueError, match=r"KAMA_GPU_ENGINE must be one of \['auto', 'nvrtc', 'triton'\], got 'cublas'"):
+        kama.givens_apply(x, pairs, angles, backend="cuda")
+
+
+@pytest.mark.skipif(not (CUDA and _cuda.available()), reason="needs a CUDA device and NVRTC")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d, n", [(5, 3), (129, 77), (1000, 33), (4096, 9)])
+def test_both_gpu_engines_agree(monkeypatch, dtype, d, n):
+    g = torch.Generator().manual_seed(d)
+    pairs = kama.random_pairs(d, 3 * d, generator=g)
+    angles = kama.random_angles(3 * d, generator=g, dtype=torch.float32).to(DEV, dtype)
+    x = torch.randn(n, d, generator=g).to(DEV, dtype)
+    w = torch.randn(n, d, generator=g).to(DEV, dtype)
+    out = {}
+    for eng in ("triton", "nvrtc"):
+        monkeypatch.setattr(givens, "GPU_ENGINE", eng)
+        out[eng] = _fwd_bwd(x, pairs, angles, "cuda", False, w)
+    assert givens._gpu_engine(x, givens._compute_dtype(dtype)) is _cuda
+    t = 4 * torch.finfo(dtype).eps * (1 if dtype in (torch.float32, torch.float64) else 4)
+    for a, b in zip(out["nvrtc"], out["triton"], strict=True):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= t * 50 * scale
+
+
+def test_nvrtc_compile_failure_is_a_typed_error_and_disables_the_engine(monkeypatch):
+    def broken(src, name):
+        raise RuntimeError("CUDA error: simulated")
+
+    monkeypatch.setattr(_cuda, "_compiler", lambda: broken)
+    monkeypatch.setattr(_cuda, "_FAILED", [])
+    monkeypatch.setattr(_cuda, "_KERNELS", {})
+    assert "kama_fwd" in _cuda.source(torch.float32, torch.float32, 8, 256)
+    msg = r"NVRTC could not build kama_fwd \(RuntimeError: CUDA error: simulated\)"
+    with pytest.raises(_cuda.CompileError, match=msg):
+        _cuda._kernel("kama_fwd", torch.float32, torch.float32, 8, 256, 1024)
+    assert not _cuda.available() and "simulated" in _cuda.import_error()
+
+
+@pytest.mark.skipif(not (CUDA and _cuda.available()), reason="needs a CUDA device and NVRTC")
+def test_nvrtc_failure_falls_back_to_triton_with_a_warning(monkeypatch):
+    pairs, angles, x = _problem(17, 40, 5, torch.float32)
+    monkeypatch.setattr(givens, "GPU_ENGINE", "nvrtc")
+
+    def broken(*args, **kwargs):
+        raise _cuda.CompileError("kama: NVRTC could not build kama_fwd (simulated)")
+
+    monkeypatch.setattr(_cuda, "forward", broken)
+    with pytest.warns(RuntimeWarning, match="simulated; using the Triton kernels"):
+        y = kama.givens_apply(x, pairs, angles, backend="cuda")
+    torch.testing.assert_close(y, kama.givens_apply(x, pairs, angles, backend="reference"), atol=1e-5, rtol=1e-5)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import _triton
+from . import _cuda, _triton
 from ._checks import check_choice, check_float_tensor, check_int
 
 try:  # the optional compiled CPU kernel (built by setup.py; plain C, see _cgivens.c)
@@ -584,18 +584,47 @@ def _t_coef(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype, transpo
     return torch.cos(a), (-s if transpose else s)
 
 
+GPU_ENGINE: str = os.environ.get("KAMA_GPU_ENGINE", "auto")
+"""Which GPU kernels ``backend="cuda"`` runs: ``"nvrtc"`` (CUDA C with the tile in shared memory, compiled at run
+time, :mod:`kama._cuda`, where it compiles and the tile fits shared memory, else Triton), ``"triton"``
+(:mod:`kama._triton` always) or ``"auto"`` (currently the same as ``"nvrtc"``). Read from ``KAMA_GPU_ENGINE`` at
+import; may be assigned."""
+
+GPU_ENGINES: tuple[str, ...] = ("auto", "nvrtc", "triton")
+
+
+def _gpu_engine(x: torch.Tensor, cdtype: torch.dtype):
+    """The module (:mod:`kama._cuda` or :mod:`kama._triton`) whose kernels run on ``x``."""
+    engine = check_choice("KAMA_GPU_ENGINE", GPU_ENGINE, GPU_ENGINES)
+    if engine != "triton" and x.device.type == "cuda" and _cuda.available() \
+            and _cuda.supports(int(x.shape[-1]), cdtype, x.device):
+        return _cuda
+    return _triton
+
+
+def _gpu_call(name: str, x: torch.Tensor, *args):
+    """``forward`` / ``backward`` of the GPU kernels chosen for ``x``; Triton's (with one warning) if NVRTC
+    cannot build its kernel."""
+    cdtype = _compute_dtype(x.dtype)
+    engine = _gpu_engine(x, cdtype)
+    try:
+        return getattr(engine, name)(*args, cdtype)
+    except _cuda.CompileError as exc:
+        warnings.warn(f"{exc}; using the Triton kernels from now on", RuntimeWarning, stacklevel=4)
+        return getattr(_triton, name)(*args, cdtype)
+
+
 def _t_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                coef: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     ii, jj, offsets, _ = plan.sorted_pairs(x.device)
-    return _triton.forward(_rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, not transpose,
-                           _compute_dtype(x.dtype))
+    return _gpu_call("forward", x, _rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, not transpose)
 
 
 def _t_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                 coef: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ii, jj, offsets, perm = plan.sorted_pairs(y.device)
-    gx, gt = _triton.backward(_rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets, plan.depth,
-                              not transpose, _compute_dtype(y.dtype))
+    gx, gt = _gpu_call("backward", y, _rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets, plan.depth,
+                       not transpose)
     g = torch.empty_like(gt).index_copy_(0, perm, gt)
     return gx, (-g if transpose else g).to(angles.dtype)
 
@@ -604,7 +633,8 @@ class _GivensFunction(torch.autograd.Function):
     """``y = x @ M^T`` (or ``x @ M``) on a 2-D batch; saves only ``y`` and the angles.
 
     ``kernel`` is ``"torch"`` (the layered walk), ``"c"`` (the compiled CPU kernel) or ``"triton"`` (the GPU
-    kernels); the recorded (double) backward always uses the layered walk with out-of-place operations."""
+    kernels: Triton or NVRTC, see ``GPU_ENGINE``); the recorded (double) backward always uses the layered walk
+    with out-of-place operations."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,  # type: ignore[override]
@@ -692,8 +722,16 @@ def _apply_cpu(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpo
 
 
 def cuda_kernel_available() -> bool:
-    """Whether the Triton GPU kernels can be used (Triton imports)."""
-    return _triton.available()
+    """Whether GPU kernels can be used: Triton imports, or CUDA C kernels can be compiled (NVRTC)."""
+    return _triton.available() or _cuda.available()
+
+
+def _gpu_kernels_run(x2: torch.Tensor) -> bool:
+    """Whether a GPU kernel (Triton, or NVRTC where the tile fits shared memory) can take ``x2``."""
+    if _triton.available():
+        return True
+    return x2.device.type == "cuda" and GPU_ENGINE != "triton" and _cuda.available() \
+        and _cuda.supports(int(x2.shape[-1]), _compute_dtype(x2.dtype), x2.device)
 
 
 def _apply_cuda(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -701,21 +739,23 @@ def _apply_cuda(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transp
     if x2.device.type != "cuda" and not (x2.device.type == "cpu" and _triton.interpreting()):
         raise ValueError(f"backend='cuda' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                          f"got x on {x2.device}")
-    if not _triton.available():
+    if not _gpu_kernels_run(x2):
         if not _WARNED_NO_TRITON:
             _WARNED_NO_TRITON = True
-            warnings.warn(f"kama: Triton is not available ({_triton.import_error()}); using the slower "
-                          "pure-PyTorch path on the GPU. Install it with pip install triton.",
+            warnings.warn(f"kama: Triton is not available ({_triton.import_error()}) and the CUDA C kernels cannot "
+                          f"run ({_cuda.import_error() or 'the tile does not fit shared memory'}); using the slower "
+                          "pure-PyTorch path on the GPU. Install Triton with pip install triton.",
                           RuntimeWarning, stacklevel=3)
         return _apply_reference(x2, plan, angles, transpose)
     return _GivensFunction.apply(x2, angles, plan, transpose, "triton")
 
 
-def _walk_kernel(device: torch.device) -> str:
-    """The ``_GivensFunction`` kernel ``"auto"`` and ``"dense"`` use on ``device``."""
+def _walk_kernel(device: torch.device, x: torch.Tensor | None = None) -> str:
+    """The ``_GivensFunction`` kernel ``"auto"`` and ``"dense"`` use on ``device`` (for ``x``, if given)."""
     if device.type == "cpu":
         return "c" if _cgivens is not None else "torch"
-    return "triton" if device.type == "cuda" and _triton.available() else "torch"
+    ok = cuda_kernel_available() if x is None else _gpu_kernels_run(x)
+    return "triton" if device.type == "cuda" and ok else "torch"
 
 
 def _layered_matrix(plan: GivensPlan, angles: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -768,7 +808,7 @@ def _layered_matrix(plan: GivensPlan, angles: torch.Tensor, transpose: bool = Fa
 
 def _apply_dense(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
     eye = torch.eye(plan.d, dtype=x2.dtype, device=x2.device)
-    mt = _GivensFunction.apply(eye, angles, plan, transpose, _walk_kernel(eye.device))  # M^T (or M)
+    mt = _GivensFunction.apply(eye, angles, plan, transpose, _walk_kernel(eye.device, eye))  # M^T (or M)
     if x2.dtype in (torch.float16, torch.bfloat16) and x2.device.type == "cpu":
         return (x2.float() @ mt.float()).to(x2.dtype)
     return x2 @ mt

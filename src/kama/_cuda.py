@@ -1,0 +1,327 @@
+r"""CUDA C kernels for the Givens product, compiled at run time with NVRTC (no nvcc, no build step).
+
+Same contract as :mod:`kama._triton` (``forward`` / ``backward`` take the plan's layer-sorted rotations), and the
+same arithmetic order per rotation, but the batch tile lives in **shared memory** instead of an L1-cached global
+scratch:
+
+* A block holds ``BB`` rows of the batch feature-major, ``tile[f * BB + r]``, in the compute dtype (float32 for
+  16/32-bit input, float64 for float64). It walks the plan's ASAP layers; inside a layer the rotations are
+  disjoint, so its ``(rotation, group of V rows)`` units are spread over the block's threads with no
+  synchronization, each unit one vector load and store per coordinate (``float4`` / ``double2``); one
+  ``__syncthreads`` separates layers. Blocks are persistent over tiles.
+* The backward holds two tiles (the saved output ``v`` and the incoming gradient ``g``), walks the layers in
+  reverse, undoes each rotation on both and adds ``sum_b (g_j v_i - g_i v_j)`` of its rows to a per-block row of
+  angle-gradient partial sums (a warp shuffle over the threads of one rotation, then one plain read-modify-write:
+  no atomics, deterministic for a fixed grid); the host sums the rows in float64.
+* Shared memory bounds ``d``: a tile of ``V`` rows (two for the backward) must fit the block's opt-in limit
+  (227 KiB on Hopper: ``d <= 14528`` forward in float32). :func:`supports` says whether a shape fits; the caller
+  uses the Triton kernels otherwise.
+
+Compilation goes through ``torch.cuda._compile_kernel`` (NVRTC, shipped with CUDA builds of PyTorch); one
+kernel per (dtype, tile rows, threads, direction) is compiled on first use (~0.1-1 s) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["CompileError", "available", "supports", "forward", "backward", "source", "tile_rows"]
+
+TILE_BYTES = int(os.environ.get("KAMA_CUDA_TILE_BYTES", 64 * 1024))
+"""Target shared memory of one block's tile(s); the rows per tile ``BB`` are the largest power of two that fits."""
+
+THREADS = int(os.environ.get("KAMA_CUDA_THREADS", 256))
+"""Threads per block."""
+
+_SOURCE = r"""
+typedef __IO_T__ io_t;
+typedef __ACC_T__ acc_t;
+typedef __VEC_T__ vec_t;
+#define BB __BB__
+#define V __V__
+#define G (BB / V)
+#define NT __NT__
+#define IO_KIND __IO_KIND__
+
+__device__ __forceinline__ acc_t to_acc(io_t v) {
+#if IO_KIND == 1
+    return __uint_as_float(((unsigned int)v) << 16);
+#elif IO_KIND == 2
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#else
+    return (acc_t)v;
+#endif
+}
+
+__device__ __forceinline__ io_t from_acc(acc_t v) {
+#if IO_KIND == 1
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (io_t)0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (io_t)(u >> 16);
+#elif IO_KIND == 2
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h;
+#else
+    return (io_t)v;
+#endif
+}
+
+__device__ __forceinline__ void load_tile(acc_t* tile, const io_t* __restrict__ src, long long stride, int row0,
+                                          int n, int d) {
+    for (int e = threadIdx.x; e < BB * d; e += NT) {
+        int f = e / BB, r = e - f * BB, row = row0 + r;
+        tile[e] = row < n ? to_acc(src[(long long)row * stride + f]) : (acc_t)0;
+    }
+}
+
+__device__ __forceinline__ void store_tile(io_t* __restrict__ dst, const acc_t* tile, long long stride, int row0,
+                                           int n, int d) {
+    for (int e = threadIdx.x; e < BB * d; e += NT) {
+        int f = e / BB, r = e - f * BB, row = row0 + r;
+        if (row < n) dst[(long long)row * stride + f] = from_acc(tile[e]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) kama_fwd(
+        const io_t* __restrict__ x, io_t* __restrict__ y, const int* __restrict__ ii, const int* __restrict__ jj,
+        const acc_t* __restrict__ cc, const acc_t* __restrict__ ss, const int* __restrict__ offsets,
+        int n, int d, int depth, int n_tiles, int stride_x, int stride_y, int reverse) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    acc_t* tile = (acc_t*)smem;
+    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        load_tile(tile, x, stride_x, t * BB, n, d);
+        __syncthreads();
+        for (int step = 0; step < depth; ++step) {
+            int layer = reverse ? depth - 1 - step : step;
+            int lo = offsets[layer], units = (offsets[layer + 1] - lo) * G;
+            for (int u = threadIdx.x; u < units; u += NT) {
+                int p = lo + u / G, g = u % G;
+                acc_t c = cc[p], s = ss[p];
+                vec_t* pa = (vec_t*)(tile + ii[p] * BB) + g;
+                vec_t* pb = (vec_t*)(tile + jj[p] * BB) + g;
+                vec_t a = *pa, b = *pb, ra, rb;
+                ra.x = c * a.x - s * b.x; rb.x = s * a.x + c * b.x;
+                ra.y = c * a.y - s * b.y; rb.y = s * a.y + c * b.y;
+#if V == 4
+                ra.z = c * a.z - s * b.z; rb.z = s * a.z + c * b.z;
+                ra.w = c * a.w - s * b.w; rb.w = s * a.w + c * b.w;
+#endif
+                *pa = ra; *pb = rb;
+            }
+            __syncthreads();
+        }
+        store_tile(y, tile, stride_y, t * BB, n, d);
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
+        const io_t* __restrict__ y, const io_t* __restrict__ gy, io_t* __restrict__ gx, acc_t* __restrict__ gpart,
+        const int* __restrict__ ii, const int* __restrict__ jj, const acc_t* __restrict__ cc,
+        const acc_t* __restrict__ ss, const int* __restrict__ offsets, int n, int d, int k, int depth, int n_tiles,
+        int stride_y, int stride_gy, int stride_gx, int reverse) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    acc_t* vt = (acc_t*)smem;
+    acc_t* gt = vt + (long long)d * BB;
+    acc_t* grow = gpart + (long long)blockIdx.x * k;
+    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        load_tile(vt, y, stride_y, t * BB, n, d);
+        load_tile(gt, gy, stride_gy, t * BB, n, d);
+        __syncthreads();
+        for (int step = 0; step < depth; ++step) {
+            int layer = reverse ? step : depth - 1 - step;
+            int lo = offsets[layer], units = (offsets[layer + 1] - lo) * G;
+            for (int u = threadIdx.x; u < units; u += NT) {
+                int p = lo + u / G, g = u % G;
+                acc_t c = cc[p], s = ss[p];
+                int oi = ii[p] * BB, oj = jj[p] * BB;
+                vec_t* pvi = (vec_t*)(vt + oi) + g;
+                vec_t* pvj = (vec_t*)(vt + oj) + g;
+                vec_t* pgi = (vec_t*)(gt + oi) + g;
+                vec_t* pgj = (vec_t*)(gt + oj) + g;
+                vec_t vi = *pvi, vj = *pvj, gi = *pgi, gj = *pgj, a, b, e, f;
+                acc_t part = (gj.x * vi.x - gi.x * vj.x) + (gj.y * vi.y - gi.y * vj.y);
+                a.x = c * vi.x + s * vj.x; b.x = c * vj.x - s * vi.x;
+                e.x = c * gi.x + s * gj.x; f.x = c * gj.x - s * gi.x;
+                a.y = c * vi.y + s * vj.y; b.y = c * vj.y - s * vi.y;
+                e.y = c * gi.y + s * gj.y; f.y = c * gj.y - s * gi.y;
+#if V == 4
+                part += (gj.z * vi.z - gi.z * vj.z) + (gj.w * vi.w - gi.w * vj.w);
+                a.z = c * vi.z + s * vj.z; b.z = c * vj.z - s * vi.z;
+                e.z = c * gi.z + s * gj.z; f.z = c * gj.z - s * gi.z;
+                a.w = c * vi.w + s * vj.w; b.w = c * vj.w - s * vi.w;
+                e.w = c * gi.w + s * gj.w; f.w = c * gj.w - s * gi.w;
+#endif
+                *pvi = a; *pvj = b; *pgi = e; *pgj = f;
+#if G > 1
+                unsigned int mask = __activemask();
+                for (int off = G / 2; off > 0; off /= 2) part += __shfl_xor_sync(mask, part, off);
+#endif
+                if (g == 0) grow[p] += part;
+            }
+            __syncthreads();
+        }
+        store_tile(gx, gt, stride_gx, t * BB, n, d);
+        __syncthreads();
+    }
+}
+"""
+
+_IO = {torch.float32: ("float", 0), torch.float64: ("double", 0), torch.bfloat16: ("unsigned short", 1),
+       torch.float16: ("unsigned short", 2)}
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler() -> Any:
+    fn = getattr(torch.cuda, "_compile_kernel", None)
+    if fn is None:
+        return RuntimeError(f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)")
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return RuntimeError("no CUDA device")
+    return fn
+
+
+class CompileError(RuntimeError):
+    """NVRTC could not compile or configure a kernel; :func:`available` is ``False`` from then on."""
+
+
+_FAILED: list[str] = []
+
+
+def available() -> bool:
+    """Whether CUDA kernels can be compiled here (a CUDA device and PyTorch's NVRTC wrapper, no failure yet)."""
+    return not _FAILED and not isinstance(_compiler(), Exception)
+
+
+def import_error() -> str:
+    """Why :func:`available` is ``False`` (empty if it is not)."""
+    if _FAILED:
+        return _FAILED[0]
+    err = _compiler()
+    return "" if not isinstance(err, Exception) else f"{type(err).__name__}: {err}"
+
+
+def _vec(cdtype: torch.dtype) -> int:
+    return 2 if cdtype == torch.float64 else 4
+
+
+def _optin(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024))
+
+
+def tile_rows(d: int, itemsize: int, buffers: int, vec: int, limit: int) -> int:
+    """Rows per tile ``BB``: the largest power of two in ``[vec, 64]`` whose ``buffers`` tiles of ``d x BB``
+    values fit ``TILE_BYTES`` (at least ``vec`` rows, which must fit ``limit`` bytes: else 0)."""
+    if d * vec * itemsize * buffers > limit:
+        return 0
+    bb = vec
+    while bb < 64 and d * 2 * bb * itemsize * buffers <= TILE_BYTES:
+        bb *= 2
+    return bb
+
+
+def supports(d: int, cdtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward's two tiles of ``V`` rows fit one block's shared memory on ``device``."""
+    return tile_rows(d, torch.finfo(cdtype).bits // 8, 2, _vec(cdtype), _optin(device)) > 0
+
+
+_KERNELS: dict[tuple, Any] = {}
+
+
+def _kernel(name: str, io: torch.dtype, cdtype: torch.dtype, bb: int, nt: int, smem: int) -> Any:
+    key = (name, io, cdtype, bb, nt, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+    try:
+        kern = _KERNELS.get(key)
+        if kern is None:
+            kern = _compiler()(source(io, cdtype, bb, nt), name)
+            kern.max_smem = 0
+            _KERNELS[key] = kern
+        if smem > kern.max_smem:
+            kern.set_shared_memory_config(smem)
+            kern.max_smem = smem
+    except Exception as exc:
+        _FAILED.append(f"{type(exc).__name__}: {exc}")
+        raise CompileError(f"kama: NVRTC could not build {name} ({_FAILED[-1]})") from exc
+    return kern
+
+
+def source(io: torch.dtype, cdtype: torch.dtype, bb: int, nt: int) -> str:
+    """The CUDA C source of both kernels for ``io`` data, ``cdtype`` state, ``bb`` rows per tile, ``nt`` threads."""
+    io_t, kind = _IO[io]
+    vec = _vec(cdtype)
+    acc = "double" if cdtype == torch.float64 else "float"
+    return (_SOURCE.replace("__IO_T__", io_t).replace("__ACC_T__", acc).replace("__VEC_T__", f"{acc}{vec}")
+            .replace("__BB__", str(bb)).replace("__V__", str(vec)).replace("__NT__", str(nt))
+            .replace("__IO_KIND__", str(kind)))
+
+
+MAX_GRID: int | None = None
+"""Cap on the blocks per launch (``None``: as many as fit the SMs at once); tests lower it to exercise the
+persistent loop over tiles."""
+
+
+def _grid(n_tiles: int, smem: int, device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 2 * smem + 2048))
+    blocks = max(1, min(4, per_sm // (smem + 1024))) * props.multi_processor_count
+    return max(1, min(n_tiles, blocks, MAX_GRID or blocks))
+
+
+def _stride(t: torch.Tensor) -> int:
+    return int(t.stride(0)) if t.shape[0] > 1 else int(t.shape[1])
+
+
+def _plan_args(n: int, d: int, cdtype: torch.dtype, buffers: int, device: torch.device) -> tuple[int, int, int, int]:
+    itemsize = torch.finfo(cdtype).bits // 8
+    vec = _vec(cdtype)
+    bb = tile_rows(d, itemsize, buffers, vec, _optin(device))
+    while bb > vec and bb // 2 >= n:
+        bb //= 2
+    smem = d * bb * itemsize * buffers
+    n_tiles = -(-n // bb)
+    return bb, smem, n_tiles, _grid(n_tiles, smem, device)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a row stride that fits a C int."""
+    return t if _stride(t) < 2**31 and t.numel() < 2**31 else t.contiguous()
+
+
+def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
+            offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype) -> torch.Tensor:
+    """As :func:`kama._triton.forward` (the caller checked :func:`supports`)."""
+    x = _int32(x)
+    n, d = x.shape
+    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 1, x.device)
+    kern = _kernel("kama_fwd", x.dtype, cdtype, bb, THREADS, smem)
+    kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
+         args=[x, y, ii, jj, c, s, offsets, n, d, depth, n_tiles, _stride(x), _stride(y), int(reverse)])
+    return y
+
+
+def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor,
+             s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool,
+             cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`kama._triton.backward`."""
+    y, gy = _int32(y), _int32(gy)
+    n, d = y.shape
+    k = int(ii.shape[0])
+    gx = torch.empty((n, d), dtype=y.dtype, device=y.device)
+    if n == 0 or k == 0:
+        if n:
+            gx.copy_(gy)
+        return gx, torch.zeros(k, dtype=torch.float64, device=y.device)
+    bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 2, y.device)
+    gpart = torch.zeros((grid, k), dtype=cdtype, device=y.device)
+    kern = _kernel("kama_bwd", y.dtype, cdtype, bb, THREADS, smem)
+    kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
+         args=[y, gy, gx, gpart, ii, jj, c, s, offsets, n, d, k, depth, n_tiles, _stride(y), _stride(gy),
+               _stride(gx), int(reverse)])
+    return gx, gpart.to(torch.float64).sum(0)
