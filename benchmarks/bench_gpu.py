@@ -153,7 +153,7 @@ def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
     plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
     angles = kama.random_angles(k, generator=g).to(device)
     x = torch.randn(batch, d, generator=g).to(device)
-    old = _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS
+    old = _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS, _cuda.BANK_GROUPS
     rows = []
 
     def run() -> float:
@@ -166,14 +166,17 @@ def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
             _triton.SCRATCH_BYTES = kib * 1024
             rows.append(f"| {d} | {batch} | triton | {kib} | | {_triton.tile_rows(batch, d, 4)} | {run() * 1e3:.3f} |")
         givens.GPU_ENGINE = "nvrtc"
-        for kib, threads in ((16, 256), (32, 256), (64, 256), (64, 512), (100, 512), (200, 1024)):
+        for kib, threads, banks in ((16, 512, True), (32, 256, True), (32, 512, True), (64, 256, True),
+                                    (64, 512, True), (64, 512, False), (64, 1024, True), (100, 512, True),
+                                    (200, 1024, True)):
             if "nvrtc" not in engines(device):
                 break
-            _cuda.TILE_BYTES, _cuda.THREADS = kib * 1024, threads
+            _cuda.TILE_BYTES, _cuda.THREADS, _cuda.BANK_GROUPS = kib * 1024, threads, banks
             bb = _cuda.tile_rows(d, 4, 1, 4, 227 * 1024)
-            rows.append(f"| {d} | {batch} | nvrtc | {kib} | {threads} | {bb} | {run() * 1e3:.3f} |")
+            name = "nvrtc" if banks else "nvrtc, plan order"
+            rows.append(f"| {d} | {batch} | {name} | {kib} | {threads} | {bb} | {run() * 1e3:.3f} |")
     finally:
-        _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS = old
+        _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS, _cuda.BANK_GROUPS = old
         givens.GPU_ENGINE = "auto"
     return rows
 

@@ -239,6 +239,31 @@ def test_nvrtc_failure_falls_back_to_triton_with_a_warning(monkeypatch):
         raise _cuda.CompileError("kama: NVRTC could not build kama_fwd (simulated)")
 
     monkeypatch.setattr(_cuda, "forward", broken)
-    with pytest.warns(RuntimeWarning, match="simulated; using the Triton kernels"):
+    with pytest.warns(RuntimeWarning, match=r"simulated\); using the Triton kernels"):
         y = kama.givens_apply(x, pairs, angles, backend="cuda")
     torch.testing.assert_close(y, kama.givens_apply(x, pairs, angles, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+def test_bank_groups_reorder_each_layer_into_conflict_free_groups(p):
+    d = 64
+    plan = givens.as_plan(kama.random_pairs(d, 700, generator=torch.Generator().manual_seed(p)), d)
+    ii, jj, offsets, _ = plan.sorted_pairs(torch.device("cpu"))
+    ii, jj, offsets = ii.tolist(), jj.tolist(), offsets.tolist()
+    src, flip, new = _cuda.bank_groups(ii, jj, offsets, p)
+    assert len(new) == len(offsets) and len(src) == len(flip) == new[-1]
+    if p == 1:
+        assert src == list(range(len(ii))) and not any(flip) and new == offsets
+    for layer in range(plan.depth):
+        lo, hi = new[layer], new[layer + 1]
+        assert (hi - lo) % p == 0
+        held = [q for q in src[lo:hi] if q >= 0]
+        assert sorted(held) == list(range(offsets[layer], offsets[layer + 1]))  # same rotations, reordered
+        for g0 in range(lo, hi, p):
+            slots = [(q, f) for q, f in zip(src[g0:g0 + p], flip[g0:g0 + p], strict=True) if q >= 0]
+            first = [(jj[q] if f else ii[q]) % p for q, f in slots]
+            second = [(ii[q] if f else jj[q]) % p for q, f in slots]
+            assert len(set(first)) == len(first) and len(set(second)) == len(second)
+    # padding stays moderate: within 1.6x of the slots that aligned groups need at all
+    aligned = sum(-(-(offsets[layer + 1] - offsets[layer]) // p) * p for layer in range(plan.depth))
+    assert len(src) <= 1.6 * aligned

@@ -34,13 +34,14 @@ __all__ = ["CompileError", "available", "supports", "forward", "backward", "sour
 TILE_BYTES = int(os.environ.get("KAMA_CUDA_TILE_BYTES", 64 * 1024))
 """Target shared memory of one block's tile(s); the rows per tile ``BB`` are the largest power of two that fits."""
 
-THREADS = int(os.environ.get("KAMA_CUDA_THREADS", 256))
+THREADS = int(os.environ.get("KAMA_CUDA_THREADS", 512))
 """Threads per block."""
 
 _SOURCE = r"""
 typedef __IO_T__ io_t;
 typedef __ACC_T__ acc_t;
 typedef __VEC_T__ vec_t;
+typedef __VEC2_T__ vec2_t;
 #define BB __BB__
 #define V __V__
 #define G (BB / V)
@@ -86,23 +87,48 @@ __device__ __forceinline__ void store_tile(io_t* __restrict__ dst, const acc_t* 
     }
 }
 
+// A layer's bounds and this thread's first record, fetched one layer ahead (records do not depend on the tile, so
+// their global-memory latency overlaps the current layer and its barrier).
+struct Layer { int lo, units; int2 q; vec2_t r; };
+
+__device__ __forceinline__ Layer fetch(const int2* __restrict__ ij, const vec2_t* __restrict__ cs,
+                                       const int* __restrict__ offsets, int layer) {
+    Layer L;
+    L.lo = offsets[layer];
+    L.units = (offsets[layer + 1] - L.lo) * G;
+    L.q.x = L.q.y = -1;
+    L.r.x = L.r.y = (acc_t)0;
+    if ((int)threadIdx.x < L.units) {
+        int p = L.lo + threadIdx.x / G;
+        L.q = ij[p];
+        L.r = cs[p];
+    }
+    return L;
+}
+
 extern "C" __global__ void __launch_bounds__(NT) kama_fwd(
-        const io_t* __restrict__ x, io_t* __restrict__ y, const int* __restrict__ ii, const int* __restrict__ jj,
-        const acc_t* __restrict__ cc, const acc_t* __restrict__ ss, const int* __restrict__ offsets,
+        const io_t* __restrict__ x, io_t* __restrict__ y, const int2* __restrict__ ij,
+        const vec2_t* __restrict__ cs, const int* __restrict__ offsets,
         int n, int d, int depth, int n_tiles, int stride_x, int stride_y, int reverse) {
     extern __shared__ __align__(16) unsigned char smem[];
     acc_t* tile = (acc_t*)smem;
     for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
         load_tile(tile, x, stride_x, t * BB, n, d);
         __syncthreads();
+        Layer cur;
+        if (depth > 0) cur = fetch(ij, cs, offsets, reverse ? depth - 1 : 0);
         for (int step = 0; step < depth; ++step) {
-            int layer = reverse ? depth - 1 - step : step;
-            int lo = offsets[layer], units = (offsets[layer + 1] - lo) * G;
-            for (int u = threadIdx.x; u < units; u += NT) {
-                int p = lo + u / G, g = u % G;
-                acc_t c = cc[p], s = ss[p];
-                vec_t* pa = (vec_t*)(tile + ii[p] * BB) + g;
-                vec_t* pb = (vec_t*)(tile + jj[p] * BB) + g;
+            Layer nxt = cur;
+            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, reverse ? depth - 2 - step : step + 1);
+            for (int u = threadIdx.x; u < cur.units; u += NT) {
+                int p = cur.lo + u / G, g = u % G;
+                int2 q = cur.q;
+                vec2_t r = cur.r;
+                if (u != (int)threadIdx.x) { q = ij[p]; r = cs[p]; }
+                if (q.x < 0) continue;  // padding of a bank-conflict-free group
+                acc_t c = r.x, s = r.y;
+                vec_t* pa = (vec_t*)(tile + q.x * BB) + g;
+                vec_t* pb = (vec_t*)(tile + q.y * BB) + g;
                 vec_t a = *pa, b = *pb, ra, rb;
                 ra.x = c * a.x - s * b.x; rb.x = s * a.x + c * b.x;
                 ra.y = c * a.y - s * b.y; rb.y = s * a.y + c * b.y;
@@ -113,6 +139,7 @@ extern "C" __global__ void __launch_bounds__(NT) kama_fwd(
                 *pa = ra; *pb = rb;
             }
             __syncthreads();
+            cur = nxt;
         }
         store_tile(y, tile, stride_y, t * BB, n, d);
         __syncthreads();
@@ -121,8 +148,8 @@ extern "C" __global__ void __launch_bounds__(NT) kama_fwd(
 
 extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
         const io_t* __restrict__ y, const io_t* __restrict__ gy, io_t* __restrict__ gx, acc_t* __restrict__ gpart,
-        const int* __restrict__ ii, const int* __restrict__ jj, const acc_t* __restrict__ cc,
-        const acc_t* __restrict__ ss, const int* __restrict__ offsets, int n, int d, int k, int depth, int n_tiles,
+        const int2* __restrict__ ij, const vec2_t* __restrict__ cs, const int* __restrict__ offsets, int n, int d,
+        int k, int depth, int n_tiles,
         int stride_y, int stride_gy, int stride_gx, int reverse) {
     extern __shared__ __align__(16) unsigned char smem[];
     acc_t* vt = (acc_t*)smem;
@@ -132,13 +159,19 @@ extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
         load_tile(vt, y, stride_y, t * BB, n, d);
         load_tile(gt, gy, stride_gy, t * BB, n, d);
         __syncthreads();
+        Layer cur;  // the forward's layers, reversed
+        if (depth > 0) cur = fetch(ij, cs, offsets, reverse ? 0 : depth - 1);
         for (int step = 0; step < depth; ++step) {
-            int layer = reverse ? step : depth - 1 - step;
-            int lo = offsets[layer], units = (offsets[layer + 1] - lo) * G;
-            for (int u = threadIdx.x; u < units; u += NT) {
-                int p = lo + u / G, g = u % G;
-                acc_t c = cc[p], s = ss[p];
-                int oi = ii[p] * BB, oj = jj[p] * BB;
+            Layer nxt = cur;
+            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, reverse ? step + 1 : depth - 2 - step);
+            for (int u = threadIdx.x; u < cur.units; u += NT) {
+                int p = cur.lo + u / G, g = u % G;
+                int2 q = cur.q;
+                vec2_t r = cur.r;
+                if (u != (int)threadIdx.x) { q = ij[p]; r = cs[p]; }
+                if (q.x < 0) continue;
+                acc_t c = r.x, s = r.y;
+                int oi = q.x * BB, oj = q.y * BB;
                 vec_t* pvi = (vec_t*)(vt + oi) + g;
                 vec_t* pvj = (vec_t*)(vt + oj) + g;
                 vec_t* pgi = (vec_t*)(gt + oi) + g;
@@ -164,6 +197,7 @@ extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
                 if (g == 0) grow[p] += part;
             }
             __syncthreads();
+            cur = nxt;
         }
         store_tile(gx, gt, stride_gx, t * BB, n, d);
         __syncthreads();
@@ -255,6 +289,7 @@ def source(io: torch.dtype, cdtype: torch.dtype, bb: int, nt: int) -> str:
     vec = _vec(cdtype)
     acc = "double" if cdtype == torch.float64 else "float"
     return (_SOURCE.replace("__IO_T__", io_t).replace("__ACC_T__", acc).replace("__VEC_T__", f"{acc}{vec}")
+            .replace("__VEC2_T__", f"{acc}2")
             .replace("__BB__", str(bb)).replace("__V__", str(vec)).replace("__NT__", str(nt))
             .replace("__IO_KIND__", str(kind)))
 
@@ -286,30 +321,113 @@ def _plan_args(n: int, d: int, cdtype: torch.dtype, buffers: int, device: torch.
     return bb, smem, n_tiles, _grid(n_tiles, smem, device)
 
 
+def bank_groups(ii: list[int], jj: list[int], offsets: list[int], p: int) -> tuple[list[int], list[bool], list[int]]:
+    r"""Order each layer's rotations in aligned groups of ``p`` whose first coordinates are distinct modulo ``p``
+    and whose second coordinates are too, so that the ``p`` threads of one shared-memory phase (8 threads x 16
+    bytes) hit distinct banks.
+
+    Rotations of one layer commute, so they may be reordered; a rotation may also be *flipped*: ``(i, j, t)`` acts
+    as ``(j, i, -t)``. First fit over the open groups of the layer; groups left open at the layer's end are padded.
+
+    Returns ``(src, flip, offsets)``: per scheduled slot the layer-sorted position it holds (``-1``: padding) and
+    whether it is flipped, and the new layer offsets. ``p <= 1`` keeps the order."""
+    if p <= 1:
+        return list(range(len(ii))), [False] * len(ii), list(offsets)
+    src: list[int] = []
+    flip: list[bool] = []
+    new_off = [0]
+    mask = p - 1
+    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+        groups: list[list] = []  # [first-class bits, second-class bits, slots]
+        for q in range(lo, hi):
+            a, b = ii[q] & mask, jj[q] & mask
+            for grp in groups:
+                if len(grp[2]) == p:
+                    continue
+                if not (grp[0] >> a) & 1 and not (grp[1] >> b) & 1:
+                    grp[0] |= 1 << a
+                    grp[1] |= 1 << b
+                    grp[2].append((q, False))
+                    break
+                if not (grp[0] >> b) & 1 and not (grp[1] >> a) & 1:
+                    grp[0] |= 1 << b
+                    grp[1] |= 1 << a
+                    grp[2].append((q, True))
+                    break
+            else:
+                groups.append([1 << a, 1 << b, [(q, False)]])
+        for grp in groups:
+            slots = grp[2] + [(-1, False)] * (p - len(grp[2]))
+            src.extend(q for q, _ in slots)
+            flip.extend(f for _, f in slots)
+        new_off.append(len(src))
+    return src, flip, new_off
+
+
+def _schedule(plan: Any, p: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(ij, src, sign, offsets, valid)`` on ``device``, cached on the plan: the scheduled ``(i, j)`` (``-1`` for
+    padding), the layer-sorted position of each slot (0 for padding), +1 / -1 / 0 (flipped / padding), the new
+    layer offsets, and the slots that hold a rotation."""
+    key = ("cuda-banks", p, device)
+    hit = plan._device_cache.get(key)
+    if hit is None:
+        ii, jj, offsets, _ = plan.sorted_pairs(torch.device("cpu"))
+        src, flip, off = bank_groups(ii.tolist(), jj.tolist(), offsets.tolist(), p)
+        srct = torch.tensor(src, dtype=torch.int64)
+        pad = srct < 0
+        srct[pad] = 0
+        fl = torch.tensor(flip, dtype=torch.bool)
+        ij = torch.stack([torch.where(fl, jj[srct], ii[srct]), torch.where(fl, ii[srct], jj[srct])], 1)
+        ij[pad] = -1
+        sign = torch.where(fl, -1.0, 1.0).masked_fill(pad, 0.0)
+        hit = (ij.to(torch.int32).contiguous().to(device), srct.to(device), sign.to(device),
+               torch.tensor(off, dtype=torch.int32, device=device), torch.nonzero(~pad).flatten().to(device))
+        plan._device_cache[key] = hit
+    return hit
+
+
+def _records(plan: Any, c: torch.Tensor, s: torch.Tensor, p: int, device: torch.device):
+    ij, src, sign, offsets, valid = _schedule(plan, p, device)
+    cs = torch.stack([c.index_select(0, src), s.index_select(0, src) * sign.to(s.dtype)], 1).contiguous()
+    return ij, cs, offsets, src, sign, valid
+
+
 def _int32(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a row stride that fits a C int."""
     return t if _stride(t) < 2**31 and t.numel() < 2**31 else t.contiguous()
 
 
+BANK_GROUPS = True
+"""Order each layer's rotations so that the threads of one shared-memory phase hit distinct banks
+(:func:`bank_groups`); ``False`` keeps the plan's order (for measuring the effect)."""
+
+
+def _phase_pairs(bb: int, cdtype: torch.dtype) -> int:
+    """Rotations that share one shared-memory phase (8 threads of 16-byte accesses): ``8 / G``, ``G = BB / V``."""
+    return max(1, 8 // (bb // _vec(cdtype))) if BANK_GROUPS else 1
+
+
 def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
-            offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype) -> torch.Tensor:
-    """As :func:`kama._triton.forward` (the caller checked :func:`supports`)."""
+            offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype, *, plan: Any) -> torch.Tensor:
+    """As :func:`kama._triton.forward` (the caller checked :func:`supports`), plus the ``plan`` whose
+    layer-sorted rotations ``ii, jj, c, s`` are: its bank-conflict-free schedule is cached on it."""
     x = _int32(x)
     n, d = x.shape
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0:
         return y
     bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 1, x.device)
+    ij, cs, offs = _records(plan, c, s, _phase_pairs(bb, cdtype), x.device)[:3]
     kern = _kernel("kama_fwd", x.dtype, cdtype, bb, THREADS, smem)
     kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
-         args=[x, y, ii, jj, c, s, offsets, n, d, depth, n_tiles, _stride(x), _stride(y), int(reverse)])
+         args=[x, y, ij, cs, offs, n, d, depth, n_tiles, _stride(x), _stride(y), int(reverse)])
     return y
 
 
 def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor,
-             s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool,
-             cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`kama._triton.backward`."""
+             s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype, *,
+             plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`kama._triton.backward`, plus the ``plan`` (see :func:`forward`)."""
     y, gy = _int32(y), _int32(gy)
     n, d = y.shape
     k = int(ii.shape[0])
@@ -319,9 +437,13 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
             gx.copy_(gy)
         return gx, torch.zeros(k, dtype=torch.float64, device=y.device)
     bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 2, y.device)
-    gpart = torch.zeros((grid, k), dtype=cdtype, device=y.device)
+    ij, cs, offs, src, sign, valid = _records(plan, c, s, _phase_pairs(bb, cdtype), y.device)
+    slots = int(ij.shape[0])
+    gpart = torch.zeros((grid, slots), dtype=cdtype, device=y.device)
     kern = _kernel("kama_bwd", y.dtype, cdtype, bb, THREADS, smem)
     kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
-         args=[y, gy, gx, gpart, ii, jj, c, s, offsets, n, d, k, depth, n_tiles, _stride(y), _stride(gy),
+         args=[y, gy, gx, gpart, ij, cs, offs, n, d, slots, depth, n_tiles, _stride(y), _stride(gy),
                _stride(gx), int(reverse)])
-    return gx, gpart.to(torch.float64).sum(0)
+    g = gpart.to(torch.float64).sum(0) * sign.to(torch.float64)
+    return gx, torch.zeros(k, dtype=torch.float64, device=y.device).index_copy_(
+        0, src.index_select(0, valid), g.index_select(0, valid))

@@ -602,13 +602,15 @@ def _gpu_engine(x: torch.Tensor, cdtype: torch.dtype):
     return _triton
 
 
-def _gpu_call(name: str, x: torch.Tensor, *args):
+def _gpu_call(name: str, x: torch.Tensor, plan: GivensPlan, *args):
     """``forward`` / ``backward`` of the GPU kernels chosen for ``x``; Triton's (with one warning) if NVRTC
     cannot build its kernel."""
     cdtype = _compute_dtype(x.dtype)
     engine = _gpu_engine(x, cdtype)
     try:
-        return getattr(engine, name)(*args, cdtype)
+        if engine is _cuda:
+            return getattr(_cuda, name)(*args, cdtype, plan=plan)
+        return getattr(_triton, name)(*args, cdtype)
     except _cuda.CompileError as exc:
         warnings.warn(f"{exc}; using the Triton kernels from now on", RuntimeWarning, stacklevel=4)
         return getattr(_triton, name)(*args, cdtype)
@@ -617,14 +619,14 @@ def _gpu_call(name: str, x: torch.Tensor, *args):
 def _t_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                coef: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     ii, jj, offsets, _ = plan.sorted_pairs(x.device)
-    return _gpu_call("forward", x, _rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, not transpose)
+    return _gpu_call("forward", x, plan, _rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, not transpose)
 
 
 def _t_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                 coef: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ii, jj, offsets, perm = plan.sorted_pairs(y.device)
-    gx, gt = _gpu_call("backward", y, _rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets, plan.depth,
-                       not transpose)
+    gx, gt = _gpu_call("backward", y, plan, _rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets,
+                       plan.depth, not transpose)
     g = torch.empty_like(gt).index_copy_(0, perm, gt)
     return gx, (-g if transpose else g).to(angles.dtype)
 
