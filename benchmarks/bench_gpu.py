@@ -1,15 +1,17 @@
-"""GPU speed of ``givens_apply(..., backend="cuda")`` (the Triton kernels) against dense matrix products and the
-pure-PyTorch layered walk, in one run on one device. Prepared for a machine with a CUDA GPU:
+"""GPU speed of ``givens_apply(..., backend="cuda")`` (both kernel families: Triton, and the CUDA C compiled by
+NVRTC, ``KAMA_GPU_ENGINE``) against dense matrix products and the pure-PyTorch layered walk, in one run on one
+device. Prepared for a machine with a CUDA GPU (``benchmarks/gpu_checks.sh`` runs it with the GPU tests):
 
     python benchmarks/bench_gpu.py [--dims 1024 4096] [--batches 8192] [--repeats 20] [--write BENCHMARKS.md]
 
 It first checks the kernels against the reference walk (float64 and float32, forward and backward), then for
 each ``d`` and batch ``B`` (``k = ceil(5 d ln d)`` i.i.d. pairs, fp32 input and output) reports the median of
 CUDA-event-timed repeats for: ``torch.matmul`` in fp32 with TF32 off, with TF32 on, and in bf16; the layered
-pure-PyTorch walk (``backend="reference"``); the Triton forward in fp32 and with bf16 input/output (fp32 state);
-forward + backward of the kernel against ``nn.Linear`` forward + backward (fp32, TF32 off); the effective
-TFLOP/s (6 flops per rotation per vector); the peak extra memory of the backward; and a sweep of the scratch
-size per program (``kama._triton.SCRATCH_BYTES``, which sets the batch rows per tile).
+pure-PyTorch walk (``backend="reference"``); each kernel family's forward in fp32 and with bf16 input/output
+(fp32 state); forward + backward of the kernels against ``nn.Linear`` forward + backward (fp32, TF32 off); the
+effective TFLOP/s (6 flops per rotation per vector); the peak extra memory of the backward; and sweeps of the
+Triton scratch per program (``kama._triton.SCRATCH_BYTES``) and of the NVRTC tile size, threads per block and
+bank-conflict-free ordering (``kama._cuda.TILE_BYTES``, ``THREADS``, ``BANK_GROUPS``).
 
 ``--smoke`` runs tiny sizes on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``) to check the
 script itself on a machine without a GPU; its timings mean nothing and it never writes ``BENCHMARKS.md``.
@@ -199,7 +201,7 @@ def main() -> None:
     if not _triton.available():
         sys.exit(f"Triton is not available: {_triton.import_error()}")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter, smoke test)"
-    lines = ["## GPU: Triton kernels vs dense products", "",
+    lines = ["### GPU run: Triton and NVRTC kernels vs dense products", "",
              *provenance_lines("python " + " ".join(sys.argv), "GPU"), f"Device: {name}.", "",
              "Correctness on the device:", *check(device), "",
              "Forward, fp32 input and output (ratio = fp32 matmul time / time; > 1 is faster; TFLOP/s counts 6 "

@@ -173,6 +173,19 @@ def test_cost_model_on_cuda_devices():
     deep = givens.GivensPlan(kama.random_pairs(16, 5000, generator=g), 16)  # k >> d^2: materializing wins
     assert givens.choose_backend(8192, 4096, big, device="cuda") == "cuda"
     assert givens.choose_backend(8192, 16, deep, device="cuda") == "dense"
+    # measured on an H100: at d = 1024 the fp32 GEMM (0.37 ms) beats the walk (0.83 ms) even after materializing
+    mid = givens.GivensPlan(kama.random_pairs(1024, 35_496, generator=g), 1024)
+    assert givens.choose_backend(8192, 1024, mid, device="cuda") == "dense"
+    # with the matrix units in play (TF32, 16-bit) the GEMM wins at d = 4096 too
+    for dtype in (torch.bfloat16, torch.float16):
+        assert givens.choose_backend(8192, 4096, big, device="cuda", dtype=dtype) == "dense"
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert givens.choose_backend(8192, 4096, big, device="cuda") == "dense"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert givens.choose_backend(8192, 4096, big, device="cuda", dtype=torch.float64) == "cuda"
 
 
 def test_cuda_c_tile_rule_and_availability():

@@ -93,10 +93,12 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "cpu", "cuda", "dense")
 * ``"cpu"``: the compiled C kernel (``kama._cgivens``): batch tiles in cache, rotations in sequence with SIMD
   across the batch, threads across tiles, the same saved-output backward. Falls back to ``"reference"`` with
   one warning if the extension could not be built or loaded.
-* ``"cuda"``: the Triton kernels (``kama._triton``) for CUDA tensors: a persistent program per SM, a batch
-  tile feature-major in a private scratch, all ASAP layers in one launch with a barrier between layers,
-  float32 state for 16-bit input and output. Falls back to ``"reference"`` with one warning if Triton is not
-  installed. CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter; for tests).
+* ``"cuda"``: GPU kernels for CUDA tensors (``GPU_ENGINE``): CUDA C compiled at run time by NVRTC
+  (``kama._cuda``: the batch tile feature-major in shared memory, each layer's rotations ordered to avoid bank
+  conflicts) or Triton (``kama._triton``: the tile in an L1-cached global scratch); both persistent over
+  tiles, all ASAP layers in one launch with a barrier between layers, float32 state for 16-bit input and
+  output. Falls back to ``"reference"`` with one warning if neither can run. CPU tensors are accepted only
+  under ``TRITON_INTERPRET=1`` (Triton's interpreter; for tests).
 * ``"dense"``: materialize ``M`` (the reference walk applied to the identity), then one GEMM.
 * ``"auto"``: the cost model in :func:`choose_backend`.
 """
@@ -818,37 +820,50 @@ def _apply_dense(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, trans
 
 # Cost model for backend="auto". CPU throughputs measured on a 2-core EPYC, torch 2.13 CPU, 1 thread, fp32
 # (BENCHMARKS.md). A walk over N vectors costs 6 k N flops at WALK_FLOPS[backend]; the dense path pays the walk
-# on the d x d identity plus a GEMM of 2 N d^2 flops at GEMM_FLOPS[device type]. Fixed per-call costs are about
-# equal. The CUDA numbers are NOT measured here: the GEMM rate is an H100's fp32 rate quoted in the GPU issue
-# (5.6 ms for 8192 x 4096 x 4096), the walk rate a design estimate (L1-resident tiles, 4 memory operations per
-# rotation per vector); benchmarks/bench_gpu.py measures both when a GPU is available.
-WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9, "cuda": 10.0e12, "reference_cuda": 0.2e12}
-GEMM_FLOPS = {"cpu": 60e9, "cuda": 50e12}
+# on the d x d identity plus a GEMM of 2 N d^2 flops at GEMM_FLOPS[device type / precision]. Fixed per-call costs
+# are about equal. CUDA rates measured on an H100 (bench_gpu.py, 8192 rows, d = 1024 and 4096, BENCHMARKS.md):
+# fp32 GEMM 46-49 TFLOP/s with TF32 off, 230-340 with TF32, ~420-680 in bf16; the NVRTC walk 1.5-3.0 effective
+# TFLOP/s (6 flops per rotation per vector), the pure-PyTorch layered walk 0.08-0.14.
+WALK_FLOPS = {"reference": 2.0e9, "cpu": 30.0e9, "cuda": 2.0e12, "reference_cuda": 0.1e12}
+GEMM_FLOPS = {"cpu": 60e9, "cuda": 50e12, "cuda_tf32": 300e12, "cuda_16bit": 500e12}
 
 
-def _throughputs(device: torch.device | str) -> tuple[str, float, float]:
-    """``(walk backend, its FLOP/s, GEMM FLOP/s)`` of the cost model on ``device``."""
+def _gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
+    if device.type != "cuda":
+        return GEMM_FLOPS["cpu"]
+    if dtype in (torch.float16, torch.bfloat16):
+        return GEMM_FLOPS["cuda_16bit"]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return GEMM_FLOPS["cuda_tf32"]
+    return GEMM_FLOPS["cuda"]
+
+
+def _throughputs(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, float, float]:
+    """``(walk backend, its FLOP/s, GEMM FLOP/s)`` of the cost model on ``device`` for ``dtype`` data."""
     dev = torch.device(device)
     walk_backend = {"c": "cpu", "triton": "cuda"}.get(_walk_kernel(dev), "reference")
     w = WALK_FLOPS[walk_backend if walk_backend != "reference" or dev.type == "cpu" else "reference_cuda"]
-    return walk_backend, w, GEMM_FLOPS["cuda" if dev.type == "cuda" else "cpu"]
+    return walk_backend, w, _gemm_rate(dev, dtype)
 
 
-def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.device | str = "cpu") -> str:
-    """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d`` on ``device``.
+def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``"auto"`` picks for ``n_rows`` vectors of dimension ``d`` and ``dtype`` on ``device``.
 
-    The walk backend is ``"cpu"`` (the compiled kernel) for CPU tensors and ``"cuda"`` (Triton) for CUDA
-    tensors when they are available, else ``"reference"``. ``"dense"`` replaces it when the batch is much
-    larger than ``d`` and ``d`` is small (RL policies): when
-    ``6 k n_rows / W > 6 k d / W + 2 n_rows d^2 / G`` with ``W = WALK_FLOPS[walk]``, ``G = GEMM_FLOPS[device]``.
-    Forward and backward scale alike, so gradients do not change the decision.
+    The walk backend is ``"cpu"`` (the compiled kernel) for CPU tensors and ``"cuda"`` (the GPU kernels) for
+    CUDA tensors when they are available, else ``"reference"``. ``"dense"`` replaces it when the batch is much
+    larger than ``d`` and ``d`` is small (RL policies), or on a GPU whose matrix units the data can use: when
+    ``6 k n_rows / W > 6 k d / W + 2 n_rows d^2 / G`` with ``W = WALK_FLOPS[walk]`` and ``G`` the GEMM rate of the
+    device for ``dtype`` (``GEMM_FLOPS``: on CUDA, fp32 with or without TF32
+    (``torch.backends.cuda.matmul.allow_tf32``), or 16-bit). Forward and backward scale alike, so gradients do
+    not change the decision.
 
     Example:
         >>> plan = GivensPlan(random_pairs(64, 1331, generator=torch.Generator().manual_seed(0)), 64)
         >>> choose_backend(4096, 64, plan), choose_backend(64, 64, plan) in ("cpu", "reference")
         ('dense', True)
     """
-    walk_backend, w, gemm = _throughputs(device)
+    walk_backend, w, gemm = _throughputs(device, dtype)
     k = plan.num_rotations
     walk = 6.0 * k * n_rows / w
     dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / gemm
@@ -913,7 +928,7 @@ def givens_apply(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     if backend == "auto":
-        backend = choose_backend(x2.shape[0], d, plan, device=x.device)
+        backend = choose_backend(x2.shape[0], d, plan, device=x.device, dtype=x.dtype)
     y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
     return y2.reshape(*lead, d)
 
