@@ -157,8 +157,20 @@ def bench_rl(repeats: int) -> dict:
     layer = kama.KamaLinear(64, 64, num_rotations=200, generator=torch.Generator().manual_seed(0))
     lin = torch.nn.Linear(64, 64)
     x = torch.randn(64, 64)
-    t_k = median_time(lambda: layer(x).sum().backward(), repeats * 5)
-    t_l = median_time(lambda: lin(x).sum().backward(), repeats * 5)
+    fns = {"kama": lambda: layer(x).sum().backward(), "linear": lambda: lin(x).sum().backward()}
+    # ~0.1 ms calls: time blocks of 50 calls after a warm-up, alternating the two so drift hits both alike
+    block = 50
+    for fn in fns.values():
+        for _ in range(4 * block):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats * 5):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[name].append((time.perf_counter() - t0) / block)
+    t_k, t_l = statistics.median(times["kama"]), statistics.median(times["linear"])
     return {"kama_fb_ms": 1e3 * t_k, "linear_fb_ms": 1e3 * t_l, "ratio": t_k / t_l}
 
 

@@ -259,12 +259,13 @@ class KamaLinear(nn.Module):
     def _plan(self) -> GivensPlan:
         """The plan of ``pairs``, kept on the module while ``pairs`` keeps its values (checked each call)."""
         cached = self.__dict__.get("_plan_cache")
+        current = self._buffers["pairs"] if "pairs" in self._buffers else self.pairs
         if cached is not None:
             pairs, plan = cached
-            if pairs.device == self.pairs.device and pairs.shape == self.pairs.shape and torch.equal(pairs, self.pairs):
+            if pairs.device == current.device and pairs.shape == current.shape and torch.equal(pairs, current):
                 return plan
-        plan = as_plan(self.pairs, self.n)
-        self.__dict__["_plan_cache"] = (self.pairs.clone(), plan)
+        plan = as_plan(current, self.n)
+        self.__dict__["_plan_cache"] = (current.clone(), plan)
         return plan
 
     # ------------------------------------------------------------------------------------------------------
@@ -409,6 +410,9 @@ def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.T
     return _finish_output(y, scale, bias, in_features, out_features)
 
 
+_FUSED_KERNEL = hasattr(_givens._cgivens, "linear_forward")
+
+
 class _KamaLinearFunction(torch.autograd.Function):
     """KamaLinear's forward in one autograd node over the compiled kernel (CPU).
 
@@ -419,33 +423,36 @@ class _KamaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, angles, scale, bias, plan, out_features):  # type: ignore[override]
         ctx.plan, ctx.out_features = plan, out_features
-        ctx.fused = x.dtype in (torch.float32, torch.float64) and hasattr(_givens._cgivens, "linear_forward")
+        ctx.fused = x.dtype in (torch.float32, torch.float64) and _FUSED_KERNEL
         if ctx.fused:  # pad, scale, rotate, truncate and bias in one C pass (cos/sin computed there too)
             dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            xc, a, sc = _as(x, dt), _as(angles.detach(), dt), _as(scale.detach(), dt)
-            b = _as(bias.detach(), dt) if bias is not None else None
+            xc, a, sc = _as(x, dt), _as(angles, dt), _as(scale, dt)  # read through data_ptr only
+            b = _as(bias, dt) if bias is not None else None
             out = torch.empty(n_rows, out_features, dtype=dt)
-            ysave = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
+            # the rotated state is an intermediate (not an input or output): a plain attribute, no SavedVariable
+            ctx.y_rot = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
             ii, jj = plan.seq
             _givens._cgivens.linear_forward(
-                xc.data_ptr(), out.data_ptr(), 0 if ysave is None else ysave.data_ptr(), n_rows, in_f, out_features,
-                ii.data_ptr(), jj.data_ptr(), a.data_ptr(), k, sc.data_ptr(), 0 if b is None else b.data_ptr(),
-                _tile_width(n_rows, plan.d, xc.element_size(), 1), _kernel_threads(n_rows, k), int(dt == torch.float64))
-            ctx.save_for_backward(xc, angles, scale, bias, ysave)
+                xc.data_ptr(), out.data_ptr(), 0 if ctx.y_rot is None else ctx.y_rot.data_ptr(), n_rows, in_f,
+                out_features, ii.data_ptr(), jj.data_ptr(), a.data_ptr(), k, sc.data_ptr(),
+                0 if b is None else b.data_ptr(), _tile_width(n_rows, plan.d, xc.element_size(), 1),
+                _kernel_threads(n_rows, k), int(dt == torch.float64))
+            ctx.save_for_backward(xc, angles, scale, bias)
             return out
         coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
         y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), angles, plan, False, coef)
         out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
         if out is y_rot:  # the output must not alias the saved rotated state
             out = y_rot.clone()
-        ctx.save_for_backward(x, angles, scale, bias, y_rot)
+        ctx.save_for_backward(x, angles, scale, bias)
+        ctx.y_rot = y_rot
         ctx.coef = coef
         return out
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x, angles, scale, bias, y_rot = ctx.saved_tensors
-        plan, out_features = ctx.plan, ctx.out_features
+        x, angles, scale, bias = ctx.saved_tensors
+        y_rot, plan, out_features = ctx.y_rot, ctx.plan, ctx.out_features
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
             inputs = (x, angles, scale, bias)
             want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
@@ -467,7 +474,7 @@ class _KamaLinearFunction(torch.autograd.Function):
             return (*result, None, None)
         if ctx.fused:
             dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            gc, a, sc = _as(g, dt), _as(angles.detach(), dt), _as(scale.detach(), dt)
+            gc, a, sc = _as(g, dt), _as(angles, dt), _as(scale, dt)
             gx = torch.empty(n_rows, in_f, dtype=dt)
             ga = torch.empty(k, dtype=dt)
             gs = torch.empty(sc.shape[0], dtype=dt)
