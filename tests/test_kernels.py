@@ -93,6 +93,19 @@ def test_kernel_rejects_bad_indices_and_sizes_itself():
         with pytest.raises(ValueError, match="pairs must lie in"):
             givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, ii.data_ptr(),
                                      jj.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 4, 1, 0, 0)
+    # the check is vectorized: a bad pair deep inside a long plan (the SIMD body, not the remainder) is caught too
+    d, k = 3, 203
+    base_i = torch.zeros(k, dtype=torch.int32)
+    base_j = torch.ones(k, dtype=torch.int32)
+    cs = torch.ones(k), torch.zeros(k)
+    for where, (bi, bj) in ((57, (0, 3)), (64, (-1, 1)), (128, (2, 2)), (100, (0, -2**31)), (202, (5, 1))):
+        ii, jj = base_i.clone(), base_j.clone()
+        ii[where], jj[where] = bi, bj
+        with pytest.raises(ValueError, match="pairs must lie in"):
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, ii.data_ptr(), jj.data_ptr(), cs[0].data_ptr(),
+                                    cs[1].data_ptr(), k, 4, 1, 0, 0)
+    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base_i.data_ptr(), base_j.data_ptr(), cs[0].data_ptr(),
+                            cs[1].data_ptr(), k, 4, 1, 0, 0)  # all valid: no error
     ok = torch.tensor([0], dtype=torch.int32)
     with pytest.raises(ValueError, match="invalid sizes"):
         givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ok.data_ptr(), ok.data_ptr(), c.data_ptr(),

@@ -450,10 +450,15 @@ static int run_jobs(void *(*worker)(void *), job_t *proto, int nthreads) {
     return 0;
 }
 
-static int check_pairs(const int32_t *ii, const int32_t *jj, int64_t k, int64_t d) {
+/* Nonzero if a pair leaves [0, d) or has i == j. Branch-free so that it vectorizes: the early-exit loop took
+ * 0.85 ns per pair, 30 us of every call at d = 1024 (k = 35k), as long as the batch-1 walk itself. A negative
+ * index is a large unsigned one, at least 2^31 >= ud. */
+KAMA_CLONES static int check_pairs(const int32_t *restrict ii, const int32_t *restrict jj, int64_t k, int64_t d) {
+    const uint32_t ud = d > 0x7fffffffLL ? 0x80000000u : (uint32_t)d;
+    uint32_t bad = 0;
     for (int64_t r = 0; r < k; ++r)
-        if (ii[r] < 0 || ii[r] >= d || jj[r] < 0 || jj[r] >= d || ii[r] == jj[r]) return 1;
-    return 0;
+        bad |= ((uint32_t)ii[r] >= ud) | ((uint32_t)jj[r] >= ud) | (ii[r] == jj[r]);
+    return bad != 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */

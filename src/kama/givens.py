@@ -732,6 +732,8 @@ def _apply_cpu(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpo
     if _cgivens is None:
         _warn_no_kernel()
         return _apply_reference(x2, plan, angles, transpose)
+    if not (torch.is_grad_enabled() and (x2.requires_grad or angles.requires_grad)):
+        return _c_forward(x2, angles, plan, transpose)  # no graph: skip the autograd.Function (~10 us)
     return _GivensFunction.apply(x2, angles, plan, transpose, "c")
 
 
