@@ -364,10 +364,10 @@ def bank_groups(ii: list[int], jj: list[int], offsets: list[int], p: int) -> tup
     return src, flip, new_off
 
 
-def _schedule(plan: Any, p: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _schedule(plan: Any, p: int, device: torch.device) -> tuple[Any, ...]:
     """``(ij, src, sign, offsets, valid)`` on ``device``, cached on the plan: the scheduled ``(i, j)`` (``-1`` for
-    padding), the layer-sorted position of each slot (0 for padding), +1 / -1 / 0 (flipped / padding), the new
-    layer offsets, and the slots that hold a rotation."""
+    padding), the layer-sorted position of each slot (0 for padding), +1 / -1 / 0 (flipped / padding) by
+    dtype (float32 and float64), the new layer offsets, and the slots that hold a rotation."""
     key = ("cuda-banks", p, device)
     hit = plan._device_cache.get(key)
     if hit is None:
@@ -379,16 +379,18 @@ def _schedule(plan: Any, p: int, device: torch.device) -> tuple[torch.Tensor, ..
         fl = torch.tensor(flip, dtype=torch.bool)
         ij = torch.stack([torch.where(fl, jj[srct], ii[srct]), torch.where(fl, ii[srct], jj[srct])], 1)
         ij[pad] = -1
-        sign = torch.where(fl, -1.0, 1.0).masked_fill(pad, 0.0)
-        hit = (ij.to(torch.int32).contiguous().to(device), srct.to(device), sign.to(device),
+        sign = torch.where(fl, -1.0, 1.0).masked_fill(pad, 0.0).to(torch.float64)
+        hit = (ij.to(torch.int32).contiguous().to(device), srct.to(device),
+               {dt: sign.to(device, dt) for dt in (torch.float32, torch.float64)},
                torch.tensor(off, dtype=torch.int32, device=device), torch.nonzero(~pad).flatten().to(device))
         plan._device_cache[key] = hit
     return hit
 
 
 def _records(plan: Any, c: torch.Tensor, s: torch.Tensor, p: int, device: torch.device):
-    ij, src, sign, offsets, valid = _schedule(plan, p, device)
-    cs = torch.stack([c.index_select(0, src), s.index_select(0, src) * sign.to(s.dtype)], 1).contiguous()
+    ij, src, signs, offsets, valid = _schedule(plan, p, device)
+    sign = signs[s.dtype]
+    cs = torch.stack([c.index_select(0, src), s.index_select(0, src) * sign], 1)
     return ij, cs, offsets, src, sign, valid
 
 
@@ -444,6 +446,6 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
     kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
          args=[y, gy, gx, gpart, ij, cs, offs, n, d, slots, depth, n_tiles, _stride(y), _stride(gy),
                _stride(gx), int(reverse)])
-    g = gpart.to(torch.float64).sum(0) * sign.to(torch.float64)
+    g = gpart.to(torch.float64).sum(0) * sign.to(torch.float64)  # sign is exact (+1, -1, 0) in any dtype
     return gx, torch.zeros(k, dtype=torch.float64, device=y.device).index_copy_(
         0, src.index_select(0, valid), g.index_select(0, valid))
