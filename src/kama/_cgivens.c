@@ -211,51 +211,70 @@ static inline int use_avx(void) {
 }
 
 #define DEFINE_IO(TYPE, SUFFIX)                                                                              \
-    static void load_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,         \
-                              int64_t d, int64_t T) {                                                       \
+    /* buf[f * T + t] = x[(n0 + t) * ld + f] for f < cols, t < rows; rows rows .. T - 1 of those features    \
+     * are zeroed (features cols .. d - 1 are the caller's). */                                              \
+    static void load_cols_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,    \
+                                   int64_t cols, int64_t ld, int64_t T) {                                   \
         const int avx = use_avx();                                                                          \
         int64_t t0 = 0;                                                                                     \
         if (T >= 8)                                                                                         \
             for (; t0 + 8 <= rows; t0 += 8) {                                                               \
                 int64_t f0 = 0;                                                                             \
-                for (; f0 + 8 <= d; f0 += 8)                                                                \
-                    tr8x8_fast_##SUFFIX(x + (n0 + t0) * d + f0, d, buf + f0 * T + t0, T, avx);              \
-                for (; f0 < d; ++f0)                                                                        \
-                    for (int64_t t = t0; t < t0 + 8; ++t) buf[f0 * T + t] = x[(n0 + t) * d + f0];           \
+                for (; f0 + 8 <= cols; f0 += 8)                                                             \
+                    tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);            \
+                for (; f0 < cols; ++f0)                                                                     \
+                    for (int64_t t = t0; t < t0 + 8; ++t) buf[f0 * T + t] = x[(n0 + t) * ld + f0];          \
             }                                                                                               \
         for (int64_t t = t0; t < rows; ++t) {                                                               \
-            const TYPE *src = x + (n0 + t) * d;                                                             \
-            for (int64_t f = 0; f < d; ++f) buf[f * T + t] = src[f];                                        \
+            const TYPE *src = x + (n0 + t) * ld;                                                            \
+            for (int64_t f = 0; f < cols; ++f) buf[f * T + t] = src[f];                                     \
         }                                                                                                   \
         if (rows < T)                                                                                       \
-            for (int64_t f = 0; f < d; ++f)                                                                 \
+            for (int64_t f = 0; f < cols; ++f)                                                              \
                 for (int64_t t = rows; t < T; ++t) buf[f * T + t] = 0;                                      \
+    }                                                                                                       \
+    /* y[(n0 + t) * ld + f] = buf[f * T + t] (* scale[f]) (+ bias[f]) for f < cols, t < rows */              \
+    static void store_cols_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,   \
+                                    int64_t cols, int64_t ld, int64_t T, const TYPE *restrict scale,        \
+                                    const TYPE *restrict bias) {                                            \
+        const int avx = use_avx();                                                                          \
+        int64_t t0 = 0;                                                                                     \
+        if (T >= 8)                                                                                         \
+            for (; t0 + 8 <= rows; t0 += 8) {                                                               \
+                int64_t f0 = 0;                                                                             \
+                for (; f0 + 8 <= cols; f0 += 8) {                                                           \
+                    TYPE *dst = y + (n0 + t0) * ld + f0;                                                    \
+                    tr8x8_fast_##SUFFIX(buf + f0 * T + t0, T, dst, ld, avx);                                \
+                    if (scale)                                                                              \
+                        for (int64_t t = 0; t < 8; ++t)                                                     \
+                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] *= scale[f0 + f];               \
+                    if (bias)                                                                               \
+                        for (int64_t t = 0; t < 8; ++t)                                                     \
+                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] += bias[f0 + f];                \
+                }                                                                                           \
+                for (; f0 < cols; ++f0)                                                                     \
+                    for (int64_t t = t0; t < t0 + 8; ++t) {                                                 \
+                        TYPE v = buf[f0 * T + t];                                                           \
+                        if (scale) v *= scale[f0];                                                          \
+                        y[(n0 + t) * ld + f0] = bias ? v + bias[f0] : v;                                    \
+                    }                                                                                       \
+            }                                                                                               \
+        for (int64_t t = t0; t < rows; ++t) {                                                               \
+            TYPE *dst = y + (n0 + t) * ld;                                                                  \
+            for (int64_t f = 0; f < cols; ++f) {                                                            \
+                TYPE v = buf[f * T + t];                                                                    \
+                if (scale) v *= scale[f];                                                                   \
+                dst[f] = bias ? v + bias[f] : v;                                                            \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    static void load_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,         \
+                              int64_t d, int64_t T) {                                                       \
+        load_cols_##SUFFIX(buf, x, n0, rows, d, d, T);                                                      \
     }                                                                                                       \
     static void store_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,        \
                                int64_t d, int64_t T, const TYPE *restrict scale) {                          \
-        const int avx = use_avx();                                                                          \
-        int64_t t0 = 0;                                                                                     \
-        if (T >= 8)                                                                                         \
-            for (; t0 + 8 <= rows; t0 += 8) {                                                               \
-                int64_t f0 = 0;                                                                             \
-                for (; f0 + 8 <= d; f0 += 8) {                                                              \
-                    TYPE *dst = y + (n0 + t0) * d + f0;                                                     \
-                    tr8x8_fast_##SUFFIX(buf + f0 * T + t0, T, dst, d, avx);                                 \
-                    if (scale)                                                                              \
-                        for (int64_t t = 0; t < 8; ++t)                                                     \
-                            for (int64_t f = 0; f < 8; ++f) dst[t * d + f] *= scale[f0 + f];                \
-                }                                                                                           \
-                for (; f0 < d; ++f0)                                                                        \
-                    for (int64_t t = t0; t < t0 + 8; ++t)                                                   \
-                        y[(n0 + t) * d + f0] = scale ? buf[f0 * T + t] * scale[f0] : buf[f0 * T + t];       \
-            }                                                                                               \
-        for (int64_t t = t0; t < rows; ++t) {                                                               \
-            TYPE *dst = y + (n0 + t) * d;                                                                   \
-            if (scale)                                                                                      \
-                for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t] * scale[f];                         \
-            else                                                                                            \
-                for (int64_t f = 0; f < d; ++f) dst[f] = buf[f * T + t];                                    \
-        }                                                                                                   \
+        store_cols_##SUFFIX(y, buf, n0, rows, d, d, T, scale, NULL);                                        \
     }
 
 DEFINE_IO(float, f32)
@@ -425,28 +444,15 @@ DEFINE_WORKERS(double, f64)
         if (!buf) { j->status = -1; return NULL; }                                                          \
         for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
-            memset(buf, 0, bytes);                                                                          \
-            for (int64_t t = 0; t < rows; ++t) {                                                            \
-                const TYPE *src = x + (n0 + t) * in_f;                                                      \
-                if (widen)                                                                                  \
-                    for (int64_t f = 0; f < in_f; ++f) buf[f * T + t] = src[f] * sc[f];                     \
-                else                                                                                        \
-                    for (int64_t f = 0; f < in_f; ++f) buf[f * T + t] = src[f];                             \
-            }                                                                                               \
+            load_cols_##SUFFIX(buf, x, n0, rows, in_f, in_f, T);                                            \
+            if (in_f < d) memset(buf + in_f * T, 0, (size_t)((d - in_f) * T) * sizeof(TYPE));               \
+            if (widen)                                                                                      \
+                for (int64_t f = 0; f < in_f; ++f)                                                          \
+                    for (int64_t t = 0; t < T; ++t) buf[f * T + t] *= sc[f];                                \
             DISPATCH_T(fwd, SUFFIX, T, buf, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, j->k, 1,  \
                        (TYPE)1, prefetch_distance(bytes))                                                   \
-            for (int64_t t = 0; t < rows; ++t) {                                                            \
-                if (ysave) {                                                                                \
-                    TYPE *ys = ysave + (n0 + t) * d;                                                        \
-                    for (int64_t f = 0; f < d; ++f) ys[f] = buf[f * T + t];                                 \
-                }                                                                                           \
-                TYPE *dst = out + (n0 + t) * out_f;                                                         \
-                for (int64_t f = 0; f < out_f; ++f) {                                                       \
-                    TYPE v = buf[f * T + t];                                                                \
-                    if (!widen) v *= sc[f];                                                                 \
-                    dst[f] = bias ? v + bias[f] : v;                                                        \
-                }                                                                                           \
-            }                                                                                               \
+            if (ysave) store_cols_##SUFFIX(ysave, buf, n0, rows, d, d, T, NULL, NULL);                      \
+            store_cols_##SUFFIX(out, buf, n0, rows, out_f, out_f, T, widen ? NULL : sc, bias);              \
         }                                                                                                   \
         buf_put(buf, bytes);                                                                                \
         return NULL;                                                                                        \
@@ -468,34 +474,28 @@ DEFINE_WORKERS(double, f64)
         for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
             load_##SUFFIX(vb, ysave, n0, rows, d, T);                                                       \
-            memset(gb, 0, bytes);                                                                           \
-            for (int64_t t = 0; t < rows; ++t) {                                                            \
+            for (int64_t t = 0; t < rows; ++t) { /* bias and (narrowing) scale gradients, row-major */       \
                 const TYPE *gr = g + (n0 + t) * out_f, *yr = ysave + (n0 + t) * d;                          \
                 for (int64_t f = 0; f < out_f; ++f) {                                                       \
                     gbias[f] += (double)gr[f];                                                              \
-                    if (widen) {                                                                            \
-                        gb[f * T + t] = gr[f];                                                              \
-                    } else {                                                                                \
-                        gs[f] += (double)gr[f] * (double)yr[f];                                             \
-                        gb[f * T + t] = gr[f] * sc[f];                                                      \
-                    }                                                                                       \
+                    if (!widen) gs[f] += (double)gr[f] * (double)yr[f];                                     \
                 }                                                                                           \
             }                                                                                               \
+            load_cols_##SUFFIX(gb, g, n0, rows, out_f, out_f, T);                                           \
+            if (out_f < d) memset(gb + out_f * T, 0, (size_t)((d - out_f) * T) * sizeof(TYPE));             \
+            if (!widen)                                                                                     \
+                for (int64_t f = 0; f < out_f; ++f)                                                         \
+                    for (int64_t t = 0; t < T; ++t) gb[f * T + t] *= sc[f];                                 \
             DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ii, j->jj, (const TYPE *)j->c, (const TYPE *)j->s, k, 1,  \
                        (TYPE)1, acc, prefetch_distance(2 * bytes))                                          \
-            for (int64_t t = 0; t < rows; ++t) {                                                            \
-                TYPE *dst = gx + (n0 + t) * in_f;                                                           \
-                const TYPE *xr = x + (n0 + t) * in_f;                                                       \
+            if (widen) /* scale gradient: sum_t g_in[t, f] x[t, f], column by column (x's lines stay in L1) */ \
                 for (int64_t f = 0; f < in_f; ++f) {                                                        \
-                    const TYPE v = gb[f * T + t];                                                           \
-                    if (widen) {                                                                            \
-                        gs[f] += (double)v * (double)xr[f];                                                 \
-                        dst[f] = v * sc[f];                                                                 \
-                    } else {                                                                                \
-                        dst[f] = v;                                                                         \
-                    }                                                                                       \
+                    double sacc = 0;                                                                        \
+                    for (int64_t t = 0; t < rows; ++t)                                                      \
+                        sacc += (double)gb[f * T + t] * (double)x[(n0 + t) * in_f + f];                     \
+                    gs[f] += sacc;                                                                          \
                 }                                                                                           \
-            }                                                                                               \
+            store_cols_##SUFFIX(gx, gb, n0, rows, in_f, in_f, T, widen ? sc : NULL, NULL);                  \
         }                                                                                                   \
         buf_put(vb, bytes);                                                                                 \
         buf_put(gb, bytes);                                                                                 \
