@@ -429,15 +429,11 @@ def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor
 def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor,
              s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype, *,
              plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`kama._triton.backward`, plus the ``plan`` (see :func:`forward`)."""
+    """As :func:`kama._triton.backward` (a non-empty batch and plan), plus the ``plan`` (see :func:`forward`)."""
     y, gy = _int32(y), _int32(gy)
     n, d = y.shape
     k = int(ii.shape[0])
     gx = torch.empty((n, d), dtype=y.dtype, device=y.device)
-    if n == 0 or k == 0:
-        if n:
-            gx.copy_(gy)
-        return gx, torch.zeros(k, dtype=torch.float64, device=y.device)
     bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 2, y.device)
     ij, cs, offs, src, sign, valid = _records(plan, c, s, _phase_pairs(bb, cdtype), y.device)
     slots = int(ij.shape[0])

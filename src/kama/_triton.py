@@ -119,14 +119,11 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
              s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool,
              cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients from the saved output ``y`` and ``gy``: ``(gx, dL/d applied angle)`` with the angle gradient in
-    the same (layer-sorted) order as ``ii``; the forward ran with ``reverse``."""
+    the same (layer-sorted) order as ``ii``; the forward ran with ``reverse``. The caller handles an empty batch
+    or plan."""
     n, d = y.shape
     k = int(ii.shape[0])
     gx = torch.empty((n, d), dtype=y.dtype, device=y.device)
-    if n == 0 or k == 0:
-        if n:
-            gx.copy_(gy)
-        return gx, torch.zeros(k, dtype=torch.float64, device=y.device)
     itemsize = torch.finfo(cdtype).bits // 8
     bb, bm, n_tiles, progs = _launch_shape(n, d, 2 * itemsize, y.device)
     scratch = torch.empty(progs * 2 * d * bb, dtype=cdtype, device=y.device)

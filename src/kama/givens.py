@@ -639,6 +639,8 @@ def _t_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpos
 def _t_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                 coef: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ii, jj, offsets, perm = plan.sorted_pairs(y.device)
+    if y.shape[0] == 0 or plan.num_rotations == 0:  # nothing to walk: the identity's gradients
+        return gy.to(y.dtype, copy=True), torch.zeros(plan.num_rotations, dtype=angles.dtype, device=y.device)
     gx, gt = _gpu_call("backward", y, plan, _rows(y), _rows(gy, y.dtype), ii, jj, coef[0], coef[1], offsets,
                        plan.depth, not transpose)
     g = torch.empty_like(gt).index_copy_(0, perm, gt)
