@@ -197,6 +197,9 @@ def test_cuda_c_tile_rule_and_availability():
     assert _cuda.tile_rows(64, 4, 1, 4, 227 * 1024) == 64
     assert _cuda.tile_rows(16384, 4, 1, 4, 227 * 1024) == 0
     assert _cuda.tile_rows(4096, 8, 2, 2, 227 * 1024) == 2
+    # the largest d the backward's two tiles fit on Hopper (227 KiB): 7264, in float32 and float64
+    assert _cuda.tile_rows(7264, 4, 2, 4, 227 * 1024) == 4 and _cuda.tile_rows(7265, 4, 2, 4, 227 * 1024) == 0
+    assert _cuda.tile_rows(7264, 8, 2, 2, 227 * 1024) == 2 and _cuda.tile_rows(7265, 8, 2, 2, 227 * 1024) == 0
     assert _cuda.available() == (CUDA and hasattr(torch.cuda, "_compile_kernel"))
     if not CUDA:
         assert "no CUDA device" in _cuda.import_error() or "_compile_kernel" in _cuda.import_error()

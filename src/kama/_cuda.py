@@ -13,9 +13,9 @@ scratch:
   reverse, undoes each rotation on both and adds ``sum_b (g_j v_i - g_i v_j)`` of its rows to a per-block row of
   angle-gradient partial sums (a warp shuffle over the threads of one rotation, then one plain read-modify-write:
   no atomics, deterministic for a fixed grid); the host sums the rows in float64.
-* Shared memory bounds ``d``: a tile of ``V`` rows (two for the backward) must fit the block's opt-in limit
-  (227 KiB on Hopper: ``d <= 14528`` forward in float32). :func:`supports` says whether a shape fits; the caller
-  uses the Triton kernels otherwise.
+* Shared memory bounds ``d``: the backward's two tiles of ``V`` rows must fit the block's opt-in limit
+  (227 KiB on Hopper: ``d <= 7264``, float32 or float64). :func:`supports` says whether a shape
+  fits; the caller uses the Triton kernels otherwise (forward and backward alike).
 
 Compilation goes through ``torch.cuda._compile_kernel`` (NVRTC, shipped with CUDA builds of PyTorch); one
 kernel per (dtype, tile rows, threads, direction) is compiled on first use (~0.1-1 s) and cached.
