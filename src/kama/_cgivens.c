@@ -93,7 +93,7 @@ static void buf_put(void *p, size_t bytes) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Tile transposes                                                                                      */
+/* cos / sin of the angles, and the tile transposes                                                     */
 /* ---------------------------------------------------------------------------------------------------- */
 
 /* cos and sin of a block of angles, in double precision, branch-free so that the compiler vectorizes it (the
@@ -377,11 +377,11 @@ DEFINE_ALL_T(double, f64)
 /* ---------------------------------------------------------------------------------------------------- */
 
 /* Rotations ahead whose rows the walk prefetches: 0 while the tile buffers fit the L2 (the hardware keeps up), */
-/* else KAMA_PREFETCH_DISTANCE (default 2; measured at d = 4096, 2 MiB tiles: 33 -> 51 GFLOP/s standalone).     */
-static int64_t prefetch_min_bytes = 768 * 1024;
-static int prefetch_rotations = 2;
+/* else 2 (measured at d = 4096, 2 MiB tiles: 33 -> 51 GFLOP/s standalone; 4 and 8 were no better).            */
+#define PREFETCH_MIN_BYTES (768 * 1024)
+#define PREFETCH_ROTATIONS 2
 static int prefetch_distance(size_t tile_bytes) {
-    return (int64_t)tile_bytes > prefetch_min_bytes ? prefetch_rotations : 0;
+    return tile_bytes > PREFETCH_MIN_BYTES ? PREFETCH_ROTATIONS : 0;
 }
 
 #define DEFINE_WORKERS(TYPE, SUFFIX)                                                                         \
