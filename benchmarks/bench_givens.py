@@ -9,7 +9,8 @@ Usage::
 For every thread count, ``d`` and batch ``B``: ``k = ceil(5 d ln d)`` i.i.d. random pairs; the median over
 ``--repeats`` of the forward time and of forward + backward (gradients w.r.t. input and angles; for
 ``nn.Linear`` w.r.t. input, weight and bias) for each backend, the ratio ``nn.Linear time / backend time``
-(> 1: the backend is faster), and the effective GFLOP/s counting 6 flops per rotation per vector. A plain
+(> 1: the backend is faster), and the effective GFLOP/s counting 6 flops per rotation per vector; calls
+shorter than 2 ms are timed in blocks (``median_time``). A plain
 Python loop over single rotations (``python-loop``) is timed on a 300-rotation prefix and scaled to ``k``.
 Also the RL-size ``KamaLinear`` (64 x 64, k = 200, batch 64) against ``nn.Linear(64, 64)``, and the peak
 extra memory of the backward (fresh subprocess with glibc mapping every allocation >= 64 KiB on its own:
@@ -33,14 +34,25 @@ import torch
 import kama
 from _bench import provenance_lines, write_section
 
+MIN_SAMPLE_S = 2e-3
+"""Calls shorter than this are timed in blocks of calls lasting at least this long (one sample per block):
+single ~30 us calls (batch 1) are at the timer's and the scheduler's mercy, and their medians over 7 single calls
+moved by 2x between runs."""
+
 
 def median_time(fn, repeats: int) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` samples, after a warm-up call; each sample times a block
+    of ``ceil(MIN_SAMPLE_S / one call)`` calls (one call for slow ones)."""
     fn()  # warm-up (plans are cached, allocator warmed)
+    t0 = time.perf_counter()
+    fn()
+    number = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
     return statistics.median(times)
 
 

@@ -81,38 +81,35 @@ def test_16bit_through_the_kernel(dtype):
 def test_kernel_rejects_bad_indices_and_sizes_itself():
     x = torch.randn(4, 3)
     y = torch.empty_like(x)
-    c = torch.ones(1)
-    s = torch.zeros(1)
-    for ii, jj in ((torch.tensor([0], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)),
-                   (torch.tensor([-1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)),
-                   (torch.tensor([1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))):
-        with pytest.raises(ValueError, match="pairs must lie in"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ii.data_ptr(), jj.data_ptr(), c.data_ptr(),
-                                    s.data_ptr(), 1, 4, 1, 0, 0)
+    cs = torch.tensor([[1.0, 0.0]])
+    for pair in ([0, 3], [-1, 1], [1, 1]):
+        ij = torch.tensor([pair], dtype=torch.int32)
+        for tile in (4, 1):  # the tiled walk and the row walk
+            with pytest.raises(ValueError, match="pairs must lie in"):
+                givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ij.data_ptr(), cs.data_ptr(), 1, tile, 1,
+                                        0, 0)
         g = torch.zeros(1, 1, dtype=torch.float64)
         with pytest.raises(ValueError, match="pairs must lie in"):
-            givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, ii.data_ptr(),
-                                     jj.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 4, 1, 0, 0)
+            givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, ij.data_ptr(),
+                                     cs.data_ptr(), 1, 4, 1, 0, 0)
     # the check is vectorized: a bad pair deep inside a long plan (the SIMD body, not the remainder) is caught too
     d, k = 3, 203
-    base_i = torch.zeros(k, dtype=torch.int32)
-    base_j = torch.ones(k, dtype=torch.int32)
-    cs = torch.ones(k), torch.zeros(k)
-    for where, (bi, bj) in ((57, (0, 3)), (64, (-1, 1)), (128, (2, 2)), (100, (0, -2**31)), (202, (5, 1))):
-        ii, jj = base_i.clone(), base_j.clone()
-        ii[where], jj[where] = bi, bj
+    base = torch.tensor([[0, 1]], dtype=torch.int32).repeat(k, 1)
+    cs = torch.tensor([[1.0, 0.0]]).repeat(k, 1)
+    for where, pair in ((57, (0, 3)), (64, (-1, 1)), (128, (2, 2)), (100, (0, -2**31)), (202, (5, 1)),
+                        (31, (2**31 - 1, 0))):
+        ij = base.clone()
+        ij[where] = torch.tensor(pair, dtype=torch.int32)
         with pytest.raises(ValueError, match="pairs must lie in"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, ii.data_ptr(), jj.data_ptr(), cs[0].data_ptr(),
-                                    cs[1].data_ptr(), k, 4, 1, 0, 0)
-    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base_i.data_ptr(), base_j.data_ptr(), cs[0].data_ptr(),
-                            cs[1].data_ptr(), k, 4, 1, 0, 0)  # all valid: no error
-    ok = torch.tensor([0], dtype=torch.int32)
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, ij.data_ptr(), cs.data_ptr(), k, 4, 1, 0, 0)
+    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base.data_ptr(), cs.data_ptr(), k, 4, 1, 0,
+                            0)  # all valid: no error
+    ok = torch.tensor([[0, 1]], dtype=torch.int32)
     with pytest.raises(ValueError, match="invalid sizes"):
-        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ok.data_ptr(), ok.data_ptr(), c.data_ptr(),
-                                s.data_ptr(), 1, 3, 1, 0, 0)
+        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ok.data_ptr(), cs.data_ptr(), 1, 3, 1, 0, 0)
     with pytest.raises(ValueError, match="invalid sizes"):
         givens._cgivens.backward(x.data_ptr(), x.data_ptr(), y.data_ptr(), y.data_ptr(), -1, 3, ok.data_ptr(),
-                                 ok.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 4, 1, 0, 0)
+                                 cs.data_ptr(), 1, 4, 1, 0, 0)
 
 
 def test_cpu_backend_needs_cpu_tensors():
@@ -147,6 +144,29 @@ def test_tile_width_rule(monkeypatch):
     assert givens._tile_width(300, 4096, 8, 2) == 32
     assert givens._tile_width(300, 4096, 4, 1) == 64  # a forward keeps 64 columns
     assert givens._tile_width(300, 16384, 4, 1) == 64
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 5, 203])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_row_walk_matches_reference(k, dtype, transpose):
+    """One row takes the row walk (packed pairs and coefficients, unrolled by 4: every remainder of k), also
+    with a fused output scale and from a strided row."""
+    pairs, angles, x = _problem(d=11, k=k, n=3, dtype=dtype)
+    row = x[1:2].clone()
+    strided = x.t()[:, 1:2].t()  # (1, 11) with a column stride of 3
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    for v in (row, strided):
+        assert givens._tile_width(v.shape[0], 11, v.element_size(), 1) == 1
+        with torch.no_grad():
+            got = kama.givens_apply(v, pairs, angles, backend="cpu", transpose=transpose)
+        ref = kama.givens_apply(v, pairs, angles, backend="reference", transpose=transpose)
+        torch.testing.assert_close(got, ref, **tol)
+    scale = torch.linspace(0.5, 2.0, 11, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(givens.givens_apply_scaled(row, pairs, angles, scale),
+                                   kama.givens_apply(row, pairs, angles, backend="reference") * scale, **tol)
 
 
 def test_scaled_apply_matches_composition():
@@ -213,16 +233,16 @@ def test_fused_kama_linear_gradcheck_widening_without_bias():
 @needs_kernel
 def test_fused_kernel_rejects_bad_sizes_itself():
     x = torch.randn(4, 3)
-    ok = torch.tensor([0], dtype=torch.int32)
+    ok = torch.tensor([[0, 0]], dtype=torch.int32)  # i == j: valid sizes, a bad pair
     p = x.data_ptr()
     with pytest.raises(ValueError, match="invalid sizes: in_f=0"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok.data_ptr(), ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
     with pytest.raises(ValueError, match="invalid sizes: in_f=3 out_f=0"):
-        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok.data_ptr(), ok.data_ptr(), p, 1, p, 4, 1, 0)
+        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok.data_ptr(), p, 1, p, 4, 1, 0)
     with pytest.raises(ValueError, match="pairs must lie in"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 3, 3, ok.data_ptr(), ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+        givens._cgivens.linear_forward(p, p, 0, 4, 3, 3, ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
     with pytest.raises(ValueError, match="invalid sizes: k=-1"):
-        givens._cgivens.cos_sin(p, p, p, -1, 0)
+        givens._cgivens.cos_sin(p, p, -1, 0)
     with pytest.raises(ValueError, match="invalid sizes: nbytes=-1"):
         givens._cgivens.same_bytes(p, p, -1)
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])
@@ -240,8 +260,9 @@ def test_kernel_cos_sin_is_accurate_everywhere(dtype):
                    torch.linspace(-99_999.0, 99_999.0, 20_001, dtype=torch.float64),
                    torch.tensor([0.0, -0.0, 1e-300, math.pi / 4, math.pi / 2, 3 * math.pi / 2, -math.pi, 1e5, -2e6,
                                  1e300, math.nan, math.inf, -math.inf], dtype=torch.float64)]).to(dtype)
-    c, s = torch.empty_like(a), torch.empty_like(a)
-    givens._cgivens.cos_sin(a.data_ptr(), c.data_ptr(), s.data_ptr(), a.numel(), int(dtype == torch.float64))
+    cs = torch.empty(a.numel(), 2, dtype=dtype)
+    givens._cgivens.cos_sin(a.data_ptr(), cs.data_ptr(), a.numel(), int(dtype == torch.float64))
+    c, s = cs.unbind(1)
     finite = torch.isfinite(a)
     eps = torch.finfo(dtype).eps
     for got, ref in ((c, torch.cos(a.double()).to(dtype)), (s, torch.sin(a.double()).to(dtype))):
@@ -263,5 +284,9 @@ def test_large_plans_reuse_coefficients_only_while_the_angles_keep_their_values(
     again = kama.givens_apply(x, plan, angles, backend="cpu")
     torch.testing.assert_close(again, kama.givens_apply(x, plan, angles, backend="reference"), atol=1e-10, rtol=0)
     assert not torch.allclose(again, first)
+    angles.data[7] -= 0.5  # through .data, as TRPO's line search writes: no version bump, still noticed
+    latest = kama.givens_apply(x, plan, angles, backend="reference")
+    torch.testing.assert_close(kama.givens_apply(x, plan, angles, backend="cpu"), latest, atol=1e-10, rtol=0)
+    assert not torch.allclose(latest, again)
     f32 = kama.givens_apply(x.float(), plan, angles.float(), backend="cpu")  # another dtype: recomputed
-    torch.testing.assert_close(f32, again.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(f32, latest.float(), atol=1e-4, rtol=0)

@@ -287,9 +287,8 @@ class GivensPlan:
         self.d = check_int("d", d, minimum=1)
         self.pairs = _check_pairs(pairs, self.d)
         self.num_rotations = int(self.pairs.shape[0])
-        # int32 columns in product order for the compiled kernel (it walks them in either direction).
-        p32 = self.pairs.to(torch.int32)
-        self.seq = (p32[:, 0].contiguous(), p32[:, 1].contiguous())
+        # (k, 2) int32 pairs in product order for the compiled kernel (it walks them in either direction).
+        self.pairs32 = self.pairs.to(torch.int32).contiguous()
         self._layers: dict[str, object] | None = None  # the ASAP schedule, built on first use
         self._device_cache: dict[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -510,42 +509,44 @@ COEF_CACHE_MIN_ROTATIONS = 4096
 """Plans with at least this many rotations keep the cos/sin of the last angles they were applied with."""
 
 
-def _c_sequence(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype):
-    """Pairs and ``cos``/``sin`` of the angles for the C kernels, computed by the extension so that every C path
-    (plain, scaled, fused KamaLinear) rounds them identically.
+def _c_coefficients(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+    """``(k, 2)`` cos / sin of the angles for the C kernels (the layout they read: one load per rotation in the
+    row walk), computed by the extension so that every C path (plain, scaled, fused KamaLinear) rounds them
+    identically.
 
     Large plans reuse the coefficients of their last call while the angles keep their bytes (one ``memcmp``,
     ~1/40 of recomputing them), which is most of a batch-1 forward at d >= 1024."""
-    ii, jj = plan.seq
-    a = _as(angles.detach(), cdtype)
-    cache = plan.num_rotations >= COEF_CACHE_MIN_ROTATIONS
-    if cache:
+    a = _as(angles, cdtype)  # read through data_ptr only
+    k = a.shape[0]
+    cache = k >= COEF_CACHE_MIN_ROTATIONS
+    if cache:  # (dtype, the angles' bytes, a copy of them, its address, the coefficients)
         hit = plan.__dict__.get("_coef_cache")
-        if hit is not None and hit[0].dtype == a.dtype and hit[0].shape == a.shape \
-                and _cgivens.same_bytes(hit[0].data_ptr(), a.data_ptr(), a.numel() * a.element_size()):
-            return ii, jj, hit[1], hit[2]
-    c, s = torch.empty_like(a), torch.empty_like(a)
-    _cgivens.cos_sin(a.data_ptr(), c.data_ptr(), s.data_ptr(), a.shape[0], int(cdtype == torch.float64))
+        if hit is not None and hit[0] == cdtype and _cgivens.same_bytes(hit[3], a.data_ptr(), hit[1]):
+            return hit[4]
+    cs = torch.empty(k, 2, dtype=cdtype)
+    _cgivens.cos_sin(a.data_ptr(), cs.data_ptr(), k, int(cdtype == torch.float64))
     if cache:
-        plan.__dict__["_coef_cache"] = (a.clone(), c, s)
-    return ii, jj, c, s
+        copy = a.detach().clone()
+        plan.__dict__["_coef_cache"] = (cdtype, k * copy.element_size(), copy, copy.data_ptr(), cs)
+    return cs
 
 
 def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
-               coef: tuple[torch.Tensor, torch.Tensor] | None = None,
-               out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    cdtype = _compute_dtype(x.dtype)
+               coef: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The compiled forward; ``coef`` is :func:`_c_coefficients`' output when the caller has it. One row walks
+    without a tile (the C side's row walk: tile width 1)."""
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # _compute_dtype, inlined
     scale_ptr = _as(out_scale, cdtype).data_ptr() if out_scale is not None else 0
     xc = _as(x, cdtype)
-    y = torch.empty_like(xc)
-    ii, jj = plan.seq
-    c, s = coef if coef is not None else _c_sequence(plan, angles, cdtype)[2:]
     n, d = xc.shape
+    y = torch.empty(n, d, dtype=cdtype)
+    cs = coef if coef is not None else _c_coefficients(plan, angles, cdtype)
     k = plan.num_rotations
-    _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, ii.data_ptr(), jj.data_ptr(), c.data_ptr(), s.data_ptr(),
-                     k, _tile_width(n, d, xc.element_size(), 1), _kernel_threads(n, k), int(cdtype == torch.float64),
+    wide = cdtype == torch.float64
+    _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, plan.pairs32.data_ptr(), cs.data_ptr(), k,
+                     _tile_width(n, d, 8 if wide else 4, 1), 1 if n == 1 else _kernel_threads(n, k), int(wide),
                      int(transpose), scale_ptr)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if cdtype == x.dtype else y.to(x.dtype)
 
 
 def givens_apply_scaled(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch.Tensor,
@@ -565,19 +566,18 @@ def givens_apply_scaled(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angle
 
 
 def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
-                coef: tuple[torch.Tensor, torch.Tensor] | None = None):
+                coef: torch.Tensor | None = None):
     cdtype = _compute_dtype(y.dtype)
     yc = _as(y, cdtype)
     gc = _as(gy, cdtype)
     gx = torch.empty_like(yc)
-    ii, jj = plan.seq
-    c, s = coef if coef is not None else _c_sequence(plan, angles, cdtype)[2:]
+    cs = coef if coef is not None else _c_coefficients(plan, angles, cdtype)
     n, d = yc.shape
     k = plan.num_rotations
     threads = _kernel_threads(n, k)
     gacc = torch.zeros(threads, k, dtype=torch.float64)
-    _cgivens.backward(yc.data_ptr(), gc.data_ptr(), gx.data_ptr(), gacc.data_ptr(), n, d, ii.data_ptr(),
-                      jj.data_ptr(), c.data_ptr(), s.data_ptr(), k, _tile_width(n, d, yc.element_size(), 2), threads,
+    _cgivens.backward(yc.data_ptr(), gc.data_ptr(), gx.data_ptr(), gacc.data_ptr(), n, d, plan.pairs32.data_ptr(),
+                      cs.data_ptr(), k, _tile_width(n, d, yc.element_size(), 2), threads,
                       int(cdtype == torch.float64), int(transpose))
     g_applied = gacc.sum(0) if threads > 1 else gacc[0]
     g_angles = _as(-g_applied if transpose else g_applied, angles.dtype)
@@ -660,7 +660,7 @@ class _GivensFunction(torch.autograd.Function):
         ctx.coef = None
         if kernel == "c":
             # cos/sin are kept for the backward (O(k) memory) instead of being recomputed there.
-            ctx.coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
+            ctx.coef = _c_coefficients(plan, angles, _compute_dtype(x.dtype))
             y = _c_forward(x, angles, plan, transpose, ctx.coef)
         elif kernel == "triton":
             ctx.coef = _t_coef(plan, angles, _compute_dtype(x.dtype), transpose)
@@ -731,7 +731,7 @@ def _warn_no_kernel() -> None:
 
 
 def _apply_cpu(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
-    if x2.device.type != "cpu":
+    if not x2.is_cpu:
         raise ValueError(f"backend='cpu' needs CPU tensors, got x on {x2.device}")
     if _cgivens is None:
         _warn_no_kernel()
@@ -856,8 +856,9 @@ def _gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def _throughputs(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[str, float, float]:
     """``(walk backend, its FLOP/s, GEMM FLOP/s)`` of the cost model on ``device`` for ``dtype`` data."""
-    dev = torch.device(device)
-    walk_backend = {"c": "cpu", "triton": "cuda"}.get(_walk_kernel(dev), "reference")
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    kernel = _walk_kernel(dev)
+    walk_backend = "cpu" if kernel == "c" else "cuda" if kernel == "triton" else "reference"
     w = WALK_FLOPS[walk_backend if walk_backend != "reference" or dev.type == "cpu" else "reference_cuda"]
     return walk_backend, w, _gemm_rate(dev, dtype)
 
@@ -880,10 +881,12 @@ def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.devic
         ('dense', True)
     """
     walk_backend, w, gemm = _throughputs(device, dtype)
-    k = plan.num_rotations
-    walk = 6.0 * k * n_rows / w
-    dense = 6.0 * k * d / w + 2.0 * n_rows * d * d / gemm
-    return "dense" if dense < walk else walk_backend
+    return _cheaper(n_rows, d, plan.num_rotations, walk_backend, w, gemm)
+
+
+def _cheaper(n_rows: int, d: int, k: int, walk_backend: str, w: float, gemm: float) -> str:
+    """:func:`choose_backend`'s comparison for a walk at ``w`` FLOP/s against a GEMM at ``gemm``."""
+    return "dense" if 6.0 * k * d / w + 2.0 * n_rows * d * d / gemm < 6.0 * k * n_rows / w else walk_backend
 
 
 _IMPLS = {"reference": _apply_reference, "cpu": _apply_cpu, "cuda": _apply_cuda, "dense": _apply_dense}
@@ -941,12 +944,14 @@ def givens_apply(
         raise ValueError(
             f"angles must have shape ({plan.num_rotations},) to match pairs, got {tuple(angles.shape)}"
         )
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d)
+    x2 = x if x.dim() == 2 else x.reshape(-1, d)  # (a reshape costs ~1 us: batch-1 calls notice)
     if backend == "auto":
-        backend = choose_backend(x2.shape[0], d, plan, device=x.device, dtype=x.dtype)
+        if x.is_cpu and _cgivens is not None:  # choose_backend's answer without its device lookups (~1 us)
+            backend = _cheaper(x2.shape[0], d, plan.num_rotations, "cpu", WALK_FLOPS["cpu"], GEMM_FLOPS["cpu"])
+        else:
+            backend = choose_backend(x2.shape[0], d, plan, device=x.device, dtype=x.dtype)
     y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
-    return y2.reshape(*lead, d)
+    return y2 if x.dim() == 2 else y2.reshape(x.shape)
 
 
 def givens_matrix(

@@ -20,8 +20,8 @@ from .givens import (
     GivensPlan,
     _as,
     _c_backward,
+    _c_coefficients,
     _c_forward,
-    _c_sequence,
     _compute_dtype,
     _kernel_threads,
     _layered_matrix,
@@ -431,15 +431,14 @@ class _KamaLinearFunction(torch.autograd.Function):
             out = torch.empty(n_rows, out_features, dtype=dt)
             # the rotated state is an intermediate (not an input or output): a plain attribute, no SavedVariable
             ctx.y_rot = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
-            ii, jj = plan.seq
             _givens._cgivens.linear_forward(
                 xc.data_ptr(), out.data_ptr(), 0 if ctx.y_rot is None else ctx.y_rot.data_ptr(), n_rows, in_f,
-                out_features, ii.data_ptr(), jj.data_ptr(), a.data_ptr(), k, sc.data_ptr(),
+                out_features, plan.pairs32.data_ptr(), a.data_ptr(), k, sc.data_ptr(),
                 0 if b is None else b.data_ptr(), _tile_width(n_rows, plan.d, xc.element_size(), 1),
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             ctx.save_for_backward(xc, angles, scale, bias)
             return out
-        coef = _c_sequence(plan, angles, _compute_dtype(x.dtype))[2:]
+        coef = _c_coefficients(plan, angles, _compute_dtype(x.dtype))
         y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), angles, plan, False, coef)
         out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
         if out is y_rot:  # the output must not alias the saved rotated state
@@ -479,10 +478,9 @@ class _KamaLinearFunction(torch.autograd.Function):
             ga = torch.empty(k, dtype=dt)
             gs = torch.empty(sc.shape[0], dtype=dt)
             gb = torch.empty(out_features, dtype=dt) if bias is not None else None
-            ii, jj = plan.seq
             _givens._cgivens.linear_backward(
                 gc.data_ptr(), y_rot.data_ptr(), x.data_ptr(), gx.data_ptr(), ga.data_ptr(), gs.data_ptr(),
-                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, ii.data_ptr(), jj.data_ptr(),
+                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, plan.pairs32.data_ptr(),
                 a.data_ptr(), k, sc.data_ptr(), _tile_width(n_rows, plan.d, gc.element_size(), 2),
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             need = ctx.needs_input_grad
