@@ -946,10 +946,13 @@ def givens_apply(
         )
     x2 = x if x.dim() == 2 else x.reshape(-1, d)  # (a reshape costs ~1 us: batch-1 calls notice)
     if backend == "auto":
+        n_rows = x2.shape[0]
         if x.is_cpu and _cgivens is not None:  # choose_backend's answer without its device lookups (~1 us)
-            backend = _cheaper(x2.shape[0], d, plan.num_rotations, "cpu", WALK_FLOPS["cpu"], GEMM_FLOPS["cpu"])
+            # (fewer rows than d: materializing M alone costs more than the walk)
+            backend = "cpu" if n_rows < d else _cheaper(n_rows, d, plan.num_rotations, "cpu", WALK_FLOPS["cpu"],
+                                                        GEMM_FLOPS["cpu"])
         else:
-            backend = choose_backend(x2.shape[0], d, plan, device=x.device, dtype=x.dtype)
+            backend = choose_backend(n_rows, d, plan, device=x.device, dtype=x.dtype)
     y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
     return y2 if x.dim() == 2 else y2.reshape(x.shape)
 
