@@ -79,37 +79,64 @@ def test_16bit_through_the_kernel(dtype):
 
 @needs_kernel
 def test_kernel_rejects_bad_indices_and_sizes_itself():
-    x = torch.randn(4, 3)
-    y = torch.empty_like(x)
-    cs = torch.tensor([[1.0, 0.0]])
+    """Pairs reach the kernels only through make_pairs, which validates them once (vectorized: a bad pair deep
+    inside a long plan, in the SIMD body rather than the remainder, is caught too); calls check their sizes and
+    that the pairs were made for them."""
+    def make(ij, d):
+        ij = torch.as_tensor(ij, dtype=torch.int32).reshape(-1, 2).contiguous()
+        return givens._cgivens.make_pairs(ij.data_ptr(), ij.shape[0], d)
+
     for pair in ([0, 3], [-1, 1], [1, 1]):
-        ij = torch.tensor([pair], dtype=torch.int32)
-        for tile in (4, 1):  # the tiled walk and the row walk
-            with pytest.raises(ValueError, match="pairs must lie in"):
-                givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ij.data_ptr(), cs.data_ptr(), 1, tile, 1,
-                                        0, 0)
-        g = torch.zeros(1, 1, dtype=torch.float64)
         with pytest.raises(ValueError, match="pairs must lie in"):
-            givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, ij.data_ptr(),
-                                     cs.data_ptr(), 1, 4, 1, 0, 0)
-    # the check is vectorized: a bad pair deep inside a long plan (the SIMD body, not the remainder) is caught too
+            make([pair], 3)
     d, k = 3, 203
     base = torch.tensor([[0, 1]], dtype=torch.int32).repeat(k, 1)
-    cs = torch.tensor([[1.0, 0.0]]).repeat(k, 1)
     for where, pair in ((57, (0, 3)), (64, (-1, 1)), (128, (2, 2)), (100, (0, -2**31)), (202, (5, 1)),
                         (31, (2**31 - 1, 0))):
         ij = base.clone()
         ij[where] = torch.tensor(pair, dtype=torch.int32)
         with pytest.raises(ValueError, match="pairs must lie in"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, ij.data_ptr(), cs.data_ptr(), k, 4, 1, 0, 0)
-    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base.data_ptr(), cs.data_ptr(), k, 4, 1, 0,
-                            0)  # all valid: no error
-    ok = torch.tensor([[0, 1]], dtype=torch.int32)
+            make(ij, d)
+    with pytest.raises(ValueError, match="invalid sizes: k=-1"):
+        givens._cgivens.make_pairs(base.data_ptr(), -1, d)
+    with pytest.raises(ValueError, match="invalid sizes: k=1 d=0"):
+        givens._cgivens.make_pairs(base.data_ptr(), 1, 0)
+    x = torch.randn(4, 3)
+    y = torch.empty_like(x)
+    cs = torch.tensor([[1.0, 0.0]]).repeat(k, 1)
+    good = make(base, d)  # all valid: no error
+    base[5] = 7  # the capsule holds its own copy: later writes to the source do not reach the kernel
+    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, good, cs.data_ptr(), k, 4, 1, 0, 0)
+    torch.testing.assert_close(y, x)
+    for tile in (4, 1):  # the tiled walk and the row walk
+        with pytest.raises(ValueError, match="pairs were made for k=203, d=3, not k=5, d=3"):
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, good, cs.data_ptr(), 5, tile, 1, 0, 0)
+        with pytest.raises(ValueError, match="pairs were made for k=203, d=3, not k=203, d=4"):
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 1, 4, good, cs.data_ptr(), k, tile, 1, 0, 0)
+        with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
+            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base.data_ptr(), cs.data_ptr(), k, tile, 1, 0,
+                                    0)
+    g = torch.zeros(1, k, dtype=torch.float64)
+    with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
+        givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, None, cs.data_ptr(),
+                                 k, 4, 1, 0, 0)
     with pytest.raises(ValueError, match="invalid sizes"):
-        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, ok.data_ptr(), cs.data_ptr(), 1, 3, 1, 0, 0)
+        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, good, cs.data_ptr(), k, 3, 1, 0, 0)
     with pytest.raises(ValueError, match="invalid sizes"):
-        givens._cgivens.backward(x.data_ptr(), x.data_ptr(), y.data_ptr(), y.data_ptr(), -1, 3, ok.data_ptr(),
-                                 cs.data_ptr(), 1, 4, 1, 0, 0)
+        givens._cgivens.backward(x.data_ptr(), x.data_ptr(), y.data_ptr(), y.data_ptr(), -1, 3, good, cs.data_ptr(),
+                                 k, 4, 1, 0, 0)
+
+
+def test_plans_pickle_without_their_kernel_caches():
+    import copy
+    import pickle
+
+    pairs, angles, x = _problem(d=16, k=givens.COEF_CACHE_MIN_ROTATIONS, n=2)
+    plan = givens.GivensPlan(pairs, 16)
+    y = kama.givens_apply(x, plan, angles)  # builds the kernel's pairs and the coefficient cache
+    for clone in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):
+        assert "_kernel_pairs" not in clone.__dict__ and "_coef_cache" not in clone.__dict__
+        torch.testing.assert_close(kama.givens_apply(x, clone, angles), y)
 
 
 def test_cpu_backend_needs_cpu_tensors():
@@ -233,14 +260,17 @@ def test_fused_kama_linear_gradcheck_widening_without_bias():
 @needs_kernel
 def test_fused_kernel_rejects_bad_sizes_itself():
     x = torch.randn(4, 3)
-    ok = torch.tensor([[0, 0]], dtype=torch.int32)  # i == j: valid sizes, a bad pair
     p = x.data_ptr()
+    ij = torch.tensor([[0, 1]], dtype=torch.int32)
+    ok = givens._cgivens.make_pairs(ij.data_ptr(), 1, 3)
     with pytest.raises(ValueError, match="invalid sizes: in_f=0"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok, p, 1, p, 0, 4, 1, 0)
     with pytest.raises(ValueError, match="invalid sizes: in_f=3 out_f=0"):
-        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok.data_ptr(), p, 1, p, 4, 1, 0)
-    with pytest.raises(ValueError, match="pairs must lie in"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 3, 3, ok.data_ptr(), p, 1, p, 0, 4, 1, 0)
+        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok, p, 1, p, 4, 1, 0)
+    with pytest.raises(ValueError, match="pairs were made for k=1, d=3, not k=1, d=4"):
+        givens._cgivens.linear_forward(p, p, 0, 4, 4, 3, ok, p, 1, p, 0, 4, 1, 0)
+    with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
+        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 3, ij.data_ptr(), p, 1, p, 4, 1, 0)
     with pytest.raises(ValueError, match="invalid sizes: k=-1"):
         givens._cgivens.cos_sin(p, p, -1, 0)
     with pytest.raises(ValueError, match="invalid sizes: nbytes=-1"):

@@ -287,8 +287,6 @@ class GivensPlan:
         self.d = check_int("d", d, minimum=1)
         self.pairs = _check_pairs(pairs, self.d)
         self.num_rotations = int(self.pairs.shape[0])
-        # (k, 2) int32 pairs in product order for the compiled kernel (it walks them in either direction).
-        self.pairs32 = self.pairs.to(torch.int32).contiguous()
         self._layers: dict[str, object] | None = None  # the ASAP schedule, built on first use
         self._device_cache: dict[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -331,6 +329,13 @@ class GivensPlan:
 
     def __repr__(self) -> str:
         return f"GivensPlan(d={self.d}, num_rotations={self.num_rotations})"
+
+    def __getstate__(self) -> dict:
+        # caches (the compiled kernel's pairs are a capsule, which does not pickle) are rebuilt on use
+        state = self.__dict__.copy()
+        for key in ("_kernel_pairs", "_coef_cache"):
+            state.pop(key, None)
+        return state
 
     def sorted_pairs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(i, j, offsets, perm)`` on ``device`` (cached): the pairs sorted by layer as int32 columns, the
@@ -512,6 +517,17 @@ COEF_CACHE_MIN_ROTATIONS = 1024
 the break-even: at k = 1331 recomputing takes 1.7 us, a hit 0.3 us, a miss (changed angles) 1.6 us more."""
 
 
+def _kernel_pairs(plan: GivensPlan) -> object:
+    """The plan's pairs as the compiled kernel's capsule: validated once and copied into memory only the extension
+    reaches (built on first use), so kernel calls skip a per-call index check (1.7 us at k = 35k)."""
+    pairs = plan.__dict__.get("_kernel_pairs")
+    if pairs is None:
+        p32 = plan.pairs.to(torch.int32).contiguous()
+        pairs = _cgivens.make_pairs(p32.data_ptr(), plan.num_rotations, plan.d)
+        plan.__dict__["_kernel_pairs"] = pairs
+    return pairs
+
+
 def _c_coefficients(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
     """``(k, 2)`` cos / sin of the angles for the C kernels (the layout they read: one load per rotation in the
     row walk), computed by the extension so that every C path (plain, scaled, fused KamaLinear) rounds them
@@ -546,7 +562,7 @@ def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpos
     cs = coef if coef is not None else _c_coefficients(plan, angles, cdtype)
     k = plan.num_rotations
     wide = cdtype == torch.float64
-    _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, plan.pairs32.data_ptr(), cs.data_ptr(), k,
+    _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, _kernel_pairs(plan), cs.data_ptr(), k,
                      _tile_width(n, d, 8 if wide else 4, 1), 1 if n == 1 else _kernel_threads(n, k), int(wide),
                      int(transpose), scale_ptr)
     return y if cdtype == x.dtype else y.to(x.dtype)
@@ -579,7 +595,7 @@ def _c_backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: G
     k = plan.num_rotations
     threads = _kernel_threads(n, k)
     gacc = torch.zeros(threads, k, dtype=torch.float64)
-    _cgivens.backward(yc.data_ptr(), gc.data_ptr(), gx.data_ptr(), gacc.data_ptr(), n, d, plan.pairs32.data_ptr(),
+    _cgivens.backward(yc.data_ptr(), gc.data_ptr(), gx.data_ptr(), gacc.data_ptr(), n, d, _kernel_pairs(plan),
                       cs.data_ptr(), k, _tile_width(n, d, yc.element_size(), 2), threads,
                       int(cdtype == torch.float64), int(transpose))
     g_applied = gacc.sum(0) if threads > 1 else gacc[0]

@@ -23,6 +23,7 @@ from .givens import (
     _c_coefficients,
     _c_forward,
     _compute_dtype,
+    _kernel_pairs,
     _kernel_threads,
     _layered_matrix,
     _throughputs,
@@ -433,7 +434,7 @@ class _KamaLinearFunction(torch.autograd.Function):
             ctx.y_rot = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
             _givens._cgivens.linear_forward(
                 xc.data_ptr(), out.data_ptr(), 0 if ctx.y_rot is None else ctx.y_rot.data_ptr(), n_rows, in_f,
-                out_features, plan.pairs32.data_ptr(), a.data_ptr(), k, sc.data_ptr(),
+                out_features, _kernel_pairs(plan), a.data_ptr(), k, sc.data_ptr(),
                 0 if b is None else b.data_ptr(), _tile_width(n_rows, plan.d, xc.element_size(), 1),
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             ctx.save_for_backward(xc, angles, scale, bias)
@@ -480,7 +481,7 @@ class _KamaLinearFunction(torch.autograd.Function):
             gb = torch.empty(out_features, dtype=dt) if bias is not None else None
             _givens._cgivens.linear_backward(
                 gc.data_ptr(), y_rot.data_ptr(), x.data_ptr(), gx.data_ptr(), ga.data_ptr(), gs.data_ptr(),
-                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, plan.pairs32.data_ptr(),
+                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, _kernel_pairs(plan),
                 a.data_ptr(), k, sc.data_ptr(), _tile_width(n_rows, plan.d, gc.element_size(), 2),
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             need = ctx.needs_input_grad
