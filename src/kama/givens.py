@@ -554,16 +554,15 @@ def _c_forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpos
                coef: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The compiled forward; ``coef`` is :func:`_c_coefficients`' output when the caller has it. One row walks
     without a tile (the C side's row walk: tile width 1)."""
-    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # _compute_dtype, inlined
+    cdtype = _compute_dtype(x.dtype)
     scale_ptr = _as(out_scale, cdtype).data_ptr() if out_scale is not None else 0
     xc = _as(x, cdtype)
     n, d = xc.shape
     y = torch.empty(n, d, dtype=cdtype)
     cs = coef if coef is not None else _c_coefficients(plan, angles, cdtype)
     k = plan.num_rotations
-    wide = cdtype == torch.float64
     _cgivens.forward(xc.data_ptr(), y.data_ptr(), n, d, _kernel_pairs(plan), cs.data_ptr(), k,
-                     _tile_width(n, d, 8 if wide else 4, 1), 1 if n == 1 else _kernel_threads(n, k), int(wide),
+                     _tile_width(n, d, xc.element_size(), 1), _kernel_threads(n, k), int(cdtype == torch.float64),
                      int(transpose), scale_ptr)
     return y if cdtype == x.dtype else y.to(x.dtype)
 
@@ -905,6 +904,8 @@ def choose_backend(n_rows: int, d: int, plan: GivensPlan, *, device: torch.devic
 
 def _cheaper(n_rows: int, d: int, k: int, walk_backend: str, w: float, gemm: float) -> str:
     """:func:`choose_backend`'s comparison for a walk at ``w`` FLOP/s against a GEMM at ``gemm``."""
+    if n_rows < d:  # materializing M alone (6 k d flops) costs more than the walk (6 k n_rows)
+        return walk_backend
     return "dense" if 6.0 * k * d / w + 2.0 * n_rows * d * d / gemm < 6.0 * k * n_rows / w else walk_backend
 
 
@@ -967,9 +968,7 @@ def givens_apply(
     if backend == "auto":
         n_rows = x2.shape[0]
         if x.is_cpu and _cgivens is not None:  # choose_backend's answer without its device lookups (~1 us)
-            # (fewer rows than d: materializing M alone costs more than the walk)
-            backend = "cpu" if n_rows < d else _cheaper(n_rows, d, plan.num_rotations, "cpu", WALK_FLOPS["cpu"],
-                                                        GEMM_FLOPS["cpu"])
+            backend = _cheaper(n_rows, d, plan.num_rotations, "cpu", WALK_FLOPS["cpu"], GEMM_FLOPS["cpu"])
         else:
             backend = choose_backend(n_rows, d, plan, device=x.device, dtype=x.dtype)
     y2 = _IMPLS[backend](x2, plan, angles, bool(transpose))
