@@ -602,16 +602,16 @@ DEFINE_WORKERS(double, f64)
         buf_put(gb, bytes);                                                                                 \
         return NULL;                                                                                        \
     }                                                                                                       \
-    /* c[r * stride] = cos(angles[r]), s[r * stride] = sin(angles[r]); stride 2 with s = c + 1 interleaves. */ \
-    static void lin_coef_##SUFFIX(const TYPE *angles, TYPE *c, TYPE *s, int64_t k, int64_t stride) {        \
+    /* cs[2 r] = cos(angles[r]), cs[2 r + 1] = sin(angles[r]): the (k, 2) layout every C path reads */       \
+    static void lin_coef_##SUFFIX(const TYPE *angles, TYPE *cs, int64_t k) {                                \
         for (int64_t r0 = 0; r0 < k; r0 += SINCOS_BLOCK) {                                                  \
             int64_t m = k - r0 < SINCOS_BLOCK ? k - r0 : SINCOS_BLOCK;                                      \
             double a[SINCOS_BLOCK], cd[SINCOS_BLOCK], sd[SINCOS_BLOCK];                                     \
             for (int64_t r = 0; r < m; ++r) a[r] = (double)angles[r0 + r];                                  \
             sincos_block(a, cd, sd, m);                                                                     \
             for (int64_t r = 0; r < m; ++r) {                                                               \
-                c[(r0 + r) * stride] = (TYPE)cd[r];                                                         \
-                s[(r0 + r) * stride] = (TYPE)sd[r];                                                         \
+                cs[2 * (r0 + r)] = (TYPE)cd[r];                                                             \
+                cs[2 * (r0 + r) + 1] = (TYPE)sd[r];                                                         \
             }                                                                                               \
         }                                                                                                   \
     }                                                                                                       \
@@ -849,8 +849,8 @@ static char *lin_coefficients(unsigned long long angles, long long k, int is_dou
     *bytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
     char *coef = (char *)buf_get(*bytes);
     if (!coef) return NULL;
-    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, (double *)coef + 1, k, 2);
-    else lin_coef_f32((const float *)angles, (float *)coef, (float *)coef + 1, k, 2);
+    if (is_double) lin_coef_f64((const double *)angles, (double *)coef, k);
+    else lin_coef_f32((const float *)angles, (float *)coef, k);
     return coef;
 }
 
@@ -937,8 +937,8 @@ static PyObject *py_cos_sin(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "invalid sizes: k=%lld", k);
         return NULL;
     }
-    if (is_double) lin_coef_f64((const double *)angles, (double *)cs, (double *)cs + 1, k, 2);
-    else lin_coef_f32((const float *)angles, (float *)cs, (float *)cs + 1, k, 2);
+    if (is_double) lin_coef_f64((const double *)angles, (double *)cs, k);
+    else lin_coef_f32((const float *)angles, (float *)cs, k);
     Py_RETURN_NONE;
 }
 
