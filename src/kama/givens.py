@@ -226,7 +226,8 @@ def _check_pairs(pairs: object, d: int | None) -> torch.Tensor:
         raise TypeError(f"pairs must have an integer dtype, got {pairs.dtype}")
     if pairs.dim() != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape (k, 2), got {tuple(pairs.shape)}")
-    p = pairs.detach().to("cpu", torch.int64)
+    # a copy the caller cannot reach: plans are cached by value and must never see a later in-place write
+    p = pairs.detach().to("cpu", torch.int64, copy=True)
     if p.numel():
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or (d is not None and hi >= d):
@@ -274,8 +275,11 @@ class GivensPlan:
         pairs: ``(k, 2)`` integer tensor, ``0 <= i, j < d``, ``i != j``.
         d: the dimension the plan acts on.
 
+    A plan is immutable: it keeps its own copy of the pairs (a later in-place write to the tensor it was built
+    from does not reach it), and :attr:`pairs` returns a fresh copy.
+
     Attributes:
-        d, num_rotations, depth (number of layers), pairs (CPU ``int64`` copy), layer_of (``(k,)`` layer ids).
+        d, num_rotations, depth (number of layers), pairs (a CPU ``int64`` copy), layer_of (``(k,)`` layer ids).
 
     Example:
         >>> plan = GivensPlan(torch.tensor([[0, 1], [2, 3], [1, 2]]), d=4)
@@ -285,8 +289,8 @@ class GivensPlan:
 
     def __init__(self, pairs: torch.Tensor, d: int) -> None:
         self.d = check_int("d", d, minimum=1)
-        self.pairs = _check_pairs(pairs, self.d)
-        self.num_rotations = int(self.pairs.shape[0])
+        self._pairs = _check_pairs(pairs, self.d)
+        self.num_rotations = int(self._pairs.shape[0])
         self._layers: dict[str, object] | None = None  # the ASAP schedule, built on first use
         self._device_cache: dict[object, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -294,7 +298,7 @@ class GivensPlan:
         if self._layers is not None:
             return self._layers
         k = self.num_rotations
-        layer_of = asap_layers(self.pairs) if k else torch.empty(0, dtype=torch.long)
+        layer_of = asap_layers(self._pairs) if k else torch.empty(0, dtype=torch.long)
         depth = int(layer_of.max()) + 1 if k else 0
         # Rotations sorted by layer (stable: keeps product order inside a layer).
         perm = torch.sort(layer_of, stable=True).indices
@@ -309,8 +313,8 @@ class GivensPlan:
         index = torch.empty(2 * k, dtype=torch.long)
         rot = torch.empty(2 * k, dtype=torch.long)
         sign = torch.empty(2 * k, dtype=torch.float64)
-        index[a + q] = self.pairs[perm, 0]
-        index[a + q + m] = self.pairs[perm, 1]
+        index[a + q] = self._pairs[perm, 0]
+        index[a + q + m] = self._pairs[perm, 1]
         rot[a + q] = perm
         rot[a + q + m] = perm
         sign[a + q] = -1.0
@@ -318,6 +322,11 @@ class GivensPlan:
         self._layers = {"layer_of": layer_of, "depth": depth, "perm": perm, "offsets": offsets, "index": index,
                         "rot_of_index": rot, "sign_of_index": sign}
         return self._layers
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        """The ``(k, 2)`` CPU ``int64`` pairs (a copy: writing to it does not change the plan)."""
+        return self._pairs.clone()
 
     layer_of = property(lambda self: self._schedule()["layer_of"], doc="ASAP layer of every rotation.")
     depth = property(lambda self: self._schedule()["depth"], doc="Number of ASAP layers.")
@@ -343,7 +352,7 @@ class GivensPlan:
         key = ("sorted", device)
         hit = self._device_cache.get(key)  # type: ignore[call-overload]
         if hit is None:
-            sp = self.pairs[self.perm].to(torch.int32)
+            sp = self._pairs[self.perm].to(torch.int32)
             hit = (sp[:, 0].contiguous().to(device), sp[:, 1].contiguous().to(device),
                    torch.tensor(self.offsets, dtype=torch.int32, device=device), self.perm.to(device))
             self._device_cache[key] = hit  # type: ignore[index]
@@ -375,7 +384,9 @@ def as_plan(pairs: torch.Tensor | GivensPlan, d: int) -> GivensPlan:
         raise TypeError(f"pairs must be a (k, 2) integer tensor or a GivensPlan, got {type(pairs).__name__}")
     if pairs.dtype.is_floating_point or pairs.dtype.is_complex or pairs.dtype == torch.bool:
         raise TypeError(f"pairs must have an integer dtype, got {pairs.dtype}")
-    key = (d, pairs.detach().to("cpu", torch.int64).contiguous().numpy().tobytes() + bytes(pairs.dim()))
+    if pairs.dim() != 2 or pairs.shape[1] != 2:  # before the lookup: a cached plan must not admit other shapes
+        raise ValueError(f"pairs must have shape (k, 2), got {tuple(pairs.shape)}")
+    key = (d, pairs.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     with _PLAN_LOCK:
         plan = _PLAN_CACHE.get(key)
         if plan is not None:
@@ -522,7 +533,7 @@ def _kernel_pairs(plan: GivensPlan) -> object:
     reaches (built on first use), so kernel calls skip a per-call index check (1.7 us at k = 35k)."""
     pairs = plan.__dict__.get("_kernel_pairs")
     if pairs is None:
-        p32 = plan.pairs.to(torch.int32).contiguous()
+        p32 = plan._pairs.to(torch.int32).contiguous()
         pairs = _cgivens.make_pairs(p32.data_ptr(), plan.num_rotations, plan.d)
         plan.__dict__["_kernel_pairs"] = pairs
     return pairs

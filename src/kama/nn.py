@@ -229,10 +229,10 @@ class KamaLinear(nn.Module):
         scale = params["scale"] if "scale" in params else self.scale
         bias = params["bias"] if "bias" in params else self.bias
         n_rows = x.numel() // self.in_features
+        plan = self._plan()
         if not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
             if self._dense_wins(n_rows, angles):
-                return F.linear(x, self._cached_dense(angles, scale), bias)
-        plan = self._plan()
+                return F.linear(x, self._cached_dense(angles, scale, plan), bias)
         if not record and x.device.type == "cpu" and x.dtype == angles.dtype and self._fused_wins(n_rows, plan):
             # One autograd node (one C pass) for pad, rotations, truncation, scalars and bias: RL-size layers are
             # dominated by per-op overhead.
@@ -285,21 +285,20 @@ class KamaLinear(nn.Module):
         self.__dict__["_dense_wins_cache"] = (n_rows, dev, dense_s < walk_s)
         return dense_s < walk_s
 
-    def _cached_dense(self, a: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-        """The materialized weight for the current ``angles`` ``a`` and ``scale`` ``sc`` (reused while they and
-        ``pairs`` keep their values)."""
-        p = self._buffers["pairs"]
+    def _cached_dense(self, a: torch.Tensor, sc: torch.Tensor, plan: GivensPlan) -> torch.Tensor:
+        """The materialized weight for the current ``angles`` ``a``, ``scale`` ``sc`` and ``plan`` (reused while
+        the angles and scalars keep their values and the plan is the same object: :meth:`_plan` compares the
+        ``pairs`` buffer by value, so writes through ``.data`` are seen)."""
         cache = self.__dict__.get("_dense_cache")
         if cache is not None:
-            ca, cs, pkey, w = cache
-            # Angles and scalars by value (optimizers and ``.data`` writes both change them); the pairs buffer,
-            # written only in place by this module or by load_state_dict, by storage and version.
-            if pkey == (p.data_ptr(), p._version, a.dtype, a.device) and torch.equal(ca, a) and torch.equal(cs, sc):
+            ca, cs, cplan, w = cache
+            # by value: optimizers and ``.data`` writes (which do not bump versions) both change them
+            if cplan is plan and ca.dtype == a.dtype and ca.device == a.device and torch.equal(ca, a) \
+                    and torch.equal(cs, sc):
                 return w
         with torch.no_grad():
             w = self.to_dense(backend="auto")
-        self.__dict__["_dense_cache"] = (a.detach().clone(), sc.detach().clone(),
-                                         (p.data_ptr(), p._version, a.dtype, a.device), w)
+        self.__dict__["_dense_cache"] = (a.detach().clone(), sc.detach().clone(), plan, w)
         return w
 
     def __getstate__(self) -> dict:
