@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kama.experiments.base import git_commit
+from kama.records import git_commit
 
 
 def provenance_lines(command: str, threads: str | int) -> list[str]:

@@ -12,29 +12,71 @@ import pytest
 from kama.cli import main
 from kama.experiments import capacity
 from kama.experiments.base import RunContext
+from kama.records import StaleResultWarning
 
 TINY = ["--only", "capacity", "--set", "capacity.walks=200", "--set", "capacity.dims=[8]",
         "--set", "capacity.ratios=[0.5, 2]", "--set", "capacity.fit_ratios=[1, 4]", "--set", "capacity.fit_steps=50"]
 
 
-def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
-    out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "kama.cli", "reproduce", "--quick", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+# Every experiment at a tiny size: the whole pipeline (units, figures, CSVs, report) in seconds.
+TINY_ALL = [
+    "capacity.walks=100", "capacity.dims=[8]", "capacity.ratios=[1]", "capacity.fit_dims=[4]",
+    "capacity.fit_ratios=[1]", "capacity.fit_steps=20", 'kernel_approx.datasets=["wine"]',
+    'kernel_approx.fig1_datasets=["wine"]', "kernel_approx.reps=3", "kernel_approx.blocks=2",
+    "kernel_approx.n_points=20", "png_gap.dims=[8]", "png_gap.reps=4", "png_gap.pairs=2", "k_ablation.ratios=[0.5]",
+    "k_ablation.n_points=20", "k_ablation.reps=3", "feature_speed.dims=[16]", "feature_speed.n_points=50",
+    "feature_speed.repeats=1", "manifold.theorem_d=6", "manifold.theorem_steps=20", "manifold.d=6",
+    "manifold.steps=30", "manifold.rgd_steps=10", "manifold.adam_steps=20", "manifold.capacity_d=4",
+    "manifold.capacity_ratios=[1]",
+    'rl.study={"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "seeds": [0], "hidden": {"ppo": 8}, '
+    '"num_rotations": [10], "total_timesteps": 256, "eval_every": 256, "eval_episodes": 1, '
+    '"algo_kwargs": {"ppo": {"n_steps": 128, "batch_size": 64}}}',
+    "rl.workers=1", 'rl.table_tasks=["Hopper-v5"]', "es.seeds=[0]",
+    'es.es={"hidden": 4, "num_rotations": 4, "total_timesteps": 400, "population": 4, "eval_every": 200, '
+    '"eval_episodes": 1}',
+]
+OUTPUTS = ("capacity/capacity.png", "capacity/capacity_mixing.csv", "kernel_approx/figure1_pointwise_mse.png",
+           "kernel_approx/figure2_gram_error.png", "png_gap/png_gap.png", "k_ablation/k_ablation.png",
+           "feature_speed/feature_speed.png", "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv",
+           "es/es_curves.png", "es/es_returns.csv", "manifold/theorem3.png", "manifold/convergence.png")
+
+
+def _check_report(out, experiments):
     report = (out / "report.md").read_text()
     assert "quick mode" in report and "capacity/capacity.png" in report
-    for name in ("capacity.png", "capacity_mixing.csv", "capacity_fit.csv", "done.json", "summary.md"):
-        assert (out / "capacity" / name).stat().st_size > 0, name
-    done = json.loads((out / "capacity" / "done.json").read_text())
-    assert done["config"]["seed"] == 0 and done["git_commit"] and done["kama_version"]
-    for name in ("kernel_approx/figure1_pointwise_mse.png", "kernel_approx/figure2_gram_error.png",
-                 "png_gap/png_gap.png", "k_ablation/k_ablation.png", "feature_speed/feature_speed.png",
-                 "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv", "es/es_curves.png",
-                 "es/es_returns.csv", "manifold/theorem3.png", "manifold/convergence.png"):
+    for name in experiments:
+        done = json.loads((out / name / "done.json").read_text())
+        assert done["git_commit"] and done["kama_version"] and done["config_hash"] and done["outputs"], name
+        assert (out / name / "summary.md").stat().st_size > 0
+    for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     header = (out / "capacity" / "capacity_mixing.csv").read_text().splitlines()[0]
     assert header.split(",")[:4] == ["d", "ratio", "k", "ks"]
+
+
+def test_reproduce_every_experiment_tiny_via_console_script(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    out = tmp_path / "results"
+    sets = [a for s in TINY_ALL for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "kama.cli", "reproduce", "--quick", "--out", str(out),
+                           "--no-progress", *sets], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    from kama.experiments import load_experiments
+
+    _check_report(out, list(load_experiments()))
+
+
+@pytest.mark.slow
+def test_reproduce_quick_end_to_end_via_console_script(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "kama.cli", "reproduce", "--quick", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    done = json.loads((out / "capacity" / "done.json").read_text())
+    assert done["config"]["seed"] == 0
+    from kama.experiments import load_experiments
+
+    _check_report(out, list(load_experiments()))
 
 
 def test_rerun_skips_finished_and_resumes_interrupted(tmp_path, capsys):
@@ -64,7 +106,8 @@ def test_corrupt_unit_is_recomputed(tmp_path):
     ctx = RunContext(out_dir=tmp_path)
     (tmp_path / "units").mkdir()
     (tmp_path / "units" / "u.json").write_text("{not json")
-    assert ctx.unit("u", lambda: [1, 2]) == [1, 2]
+    with pytest.warns(StaleResultWarning, match="not valid JSON"):
+        assert ctx.unit("u", lambda: [1, 2]) == [1, 2]
     assert ctx.unit("u", lambda: [3]) == [1, 2]
     assert ctx.units_done == 1
 

@@ -345,6 +345,20 @@ def test_bad_backend_and_plan_dimension():
                               torch.zeros(1, 2, 2, dtype=torch.long)), ValueError, "grad_y must have"),
         (lambda: plane_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[0, 1]]), torch.zeros(1),
                               torch.zeros(2, 2, 2, dtype=torch.long)), ValueError, "candidates must have"),
+        (lambda: plane_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[0, 1]]), torch.zeros(1),
+                              torch.tensor([[[0, -1]]])), ValueError, "candidates: pairs entries must lie in"),
+        (lambda: plane_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[0, 1]]), torch.zeros(1),
+                              torch.tensor([[[0, 3]]])), ValueError, r"candidates: .*\[0, 3\)"),
+        (lambda: plane_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[0, 1]]), torch.zeros(1),
+                              torch.tensor([[[1, 1]]])), ValueError, "candidates: pairs must have i != j"),
+        (lambda: plane_scores(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([[0, 1]]), torch.zeros(1),
+                              torch.zeros(1, 1, 2)), TypeError, "candidates must be an integer tensor"),
+        (lambda: kama.givens_apply(torch.zeros(1, 2), torch.tensor([[0, 1]]), torch.zeros(1), transpose="no"),
+         TypeError, "transpose must be true or false"),
+        (lambda: kama.givens_matrix(torch.tensor([[0, 1]]), torch.zeros(1), 2, transpose=1), TypeError,
+         "transpose must be true or false"),
+        (lambda: kama.random_angles(3, dtype=torch.int64), TypeError, "dtype must be a floating torch.dtype"),
+        (lambda: kama.random_angles(3, dtype=torch.complex64), TypeError, "dtype must be a floating torch.dtype"),
     ],
 )
 def test_bad_arguments_of_helpers(call, err, match):
@@ -387,3 +401,33 @@ def test_layered_matrix_matches_the_walk_and_is_twice_differentiable(d, k, dtype
         a = angles.clone().requires_grad_(True)
         assert torch.autograd.gradcheck(lambda a: _layered_matrix(plan, a, transpose), (a,))
         assert torch.autograd.gradgradcheck(lambda a: _layered_matrix(plan, a, transpose), (a,))
+
+
+def test_plane_scores_accept_every_valid_candidate():
+    x, g = torch.randn(5, 3), torch.randn(5, 3)
+    scores, current = plane_scores(x, g, torch.tensor([[0, 1]]), torch.zeros(1), torch.tensor([[[2, 0], [1, 2]]]))
+    assert scores.shape == (1, 2) and current.shape == (1,)
+
+
+def test_bad_environment_settings_warn_and_keep_the_default(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import kama.givens as g; print(g.TILE_BUDGET_BYTES)"
+    for value, default_kept in (("abc", True), ("-4", True), ("4096", False)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**__import__("os").environ, "KAMA_TILE_BYTES": value})
+        assert proc.returncode == 0, proc.stderr
+        assert (proc.stdout.strip() == str(2 * 1024 * 1024)) == default_kept
+        assert ("KAMA_TILE_BYTES" in proc.stderr) == default_kept
+
+
+def test_jit_trace_records_a_pure_torch_path():
+    g = torch.Generator().manual_seed(3)
+    pairs = kama.random_pairs(9, 30, generator=g)
+    angles = kama.random_angles(30, generator=g)
+    x = torch.randn(4, 9, generator=g)
+    with torch.no_grad():  # a cold plan cache and no gradients: the path that once returned garbage
+        traced = torch.jit.trace(lambda t: kama.givens_apply(t, pairs, angles), x, check_trace=False)
+    x2 = torch.randn(7, 9, generator=g)
+    assert torch.allclose(traced(x2), x2 @ oracle_matrix(pairs, angles, 9).T, atol=1e-5)

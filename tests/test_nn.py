@@ -277,6 +277,8 @@ def test_kama_reselect_planes_by_hand_keeps_function_for_idle_rotations():
         ({"plane_update_every": 0}, ValueError, "plane_update_every must be >= 1"),
         ({"plane_candidates": 0}, ValueError, "plane_candidates must be >= 1"),
         ({"plane_tol": 2.0}, ValueError, "plane_tol must be a number in"),
+        ({"dtype": torch.complex64}, TypeError, "dtype must be None or one of"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be None or one of"),
     ],
 )
 def test_kama_bad_arguments(kwargs, err, match):
@@ -343,3 +345,29 @@ def test_kama_to_dense_backends_agree(shape):
     torch.testing.assert_close(fast, ref, atol=tol(torch.float32, 15, max(shape)), rtol=0)
     with pytest.raises(ValueError, match="backend"):
         layer.to_dense(backend="fastest")
+
+
+@pytest.mark.parametrize("factory", [KamaLinear, ToeplitzLinear])
+def test_complex_dtype_is_rejected(factory):
+    with pytest.raises(TypeError, match="dtype must be None or one of"):
+        factory(3, 3, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])
+def test_meta_device_shapes_then_materialize(shape):
+    layer = KamaLinear(*shape, device="meta")
+    assert layer(torch.empty(7, shape[0], device="meta")).shape == (7, shape[1])
+    assert layer.to_dense().shape == (shape[1], shape[0]) and layer.to_dense().is_meta
+    layer.to_empty(device="cpu")
+    layer.reset_parameters(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, shape[0])
+    assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 5000])
+def test_jit_trace_of_a_layer_matches_eager(rows):
+    layer = KamaLinear(16, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # no gradients and a cold cache: the compiled paths write through raw pointers
+        traced = torch.jit.trace(layer, torch.randn(rows, 16), check_trace=False)
+        x = torch.randn(rows, 16)
+        assert torch.allclose(traced(x), layer(x), atol=1e-5)

@@ -329,3 +329,29 @@ def test_packaged_datasets():
     assert np.all(datasets.prepare(np.zeros((2, 3)), standardize=False) == 0)
     with pytest.raises(ValueError, match="name must be one of"):
         datasets.load("iris")
+
+
+@pytest.mark.parametrize("kernel", ["angular", "arccos0", "arccos1", "arccos2", "rbf"])
+@pytest.mark.parametrize("sampler", ["kama", "orthogonal"])
+def test_fitted_transformers_pickle_and_transform_identically(kernel, sampler, tmp_path):
+    import pickle
+
+    import joblib
+
+    X = np.random.default_rng(0).normal(size=(20, 7))
+    est = PNGFeatures(kernel=kernel, n_components=16, sampler=sampler, random_state=0).fit(X)
+    for loaded in (pickle.loads(pickle.dumps(est)), joblib.load(joblib.dump(est, tmp_path / "est.joblib")[0])):
+        assert np.array_equal(loaded.transform(X), est.transform(X))
+
+
+@pytest.mark.parametrize("kernel, match", [
+    (lambda u: u.sum(), "same shape"),
+    (lambda u: float(u.sum()), "got float"),
+    (lambda u: u[:, :1], "same shape"),
+    (lambda u: (u > 0), "floating tensor"),
+])
+def test_callable_kernel_must_act_element_wise(kernel, match):
+    X = np.random.default_rng(0).normal(size=(5, 4))
+    with pytest.raises(ValueError, match=match):
+        PNGFeatures(kernel=kernel, n_components=6).fit(X)
+    assert PNGFeatures(kernel=torch.tanh, n_components=6).fit(X).transform(X).shape == (5, 6)

@@ -160,10 +160,29 @@ def test_evaluate_is_deterministic():
     ({"num_rotations": 0}, ValueError, "num_rotations must be >= 1"),
     ({"total_timesteps": 0}, ValueError, "total_timesteps must be >= 1"),
     ({"algo_kwargs": [1]}, TypeError, "algo_kwargs must be a dict"),
+    ({"structured_critic": "false"}, TypeError, "structured_critic must be true or false"),
+    ({"learn_planes": ["no"]}, TypeError, "learn_planes must be true or false"),
+    ({"hidden": "64"}, TypeError, "hidden must be an int"),
+    ({"env_id": 3}, TypeError, "env_id must be a gymnasium id"),
+    ({"algo_kwargs": {"n_steps": 0}}, ValueError, r"algo_kwargs\['n_steps'\] must be >= 2, got 0"),
+    ({"algo_kwargs": {"n_steps": 64.5}}, TypeError, r"algo_kwargs\['n_steps'\] must be an int"),
+    ({"algo_kwargs": {"learning_rate": -1e-3}}, ValueError, r"algo_kwargs\['learning_rate'\] must be > 0"),
+    ({"algo_kwargs": {"gamma": 1.5}}, ValueError, r"algo_kwargs\['gamma'\] must be <= 1"),
+    ({"algo_kwargs": {"n_stepz": 64}}, ValueError, "PPO takes no argument 'n_stepz'"),
+    ({"algo_kwargs": {"seed": 3}}, ValueError, "algo_kwargs cannot set 'seed'"),
+    ({"algo": "trpo", "algo_kwargs": {"clip_range": 0.2}}, ValueError, "TRPO takes no argument 'clip_range'"),
+    ({"algo": "trpo", "algo_kwargs": {"cg_max_steps": 0}}, ValueError, r"algo_kwargs\['cg_max_steps'\] must be"),
 ])
 def test_bad_config_fails_before_training(change, err, match):
     with pytest.raises(err, match=match):
         validate(RunConfig(**change))
+
+
+def test_algorithm_assertions_become_value_errors():
+    from kama.rl.train import make_model as make
+
+    with pytest.raises(ValueError, match="rejected by PPO: `clip_range_vf` must be positive"):  # an SB3 assert
+        make(RunConfig(hidden=8, num_rotations=10, algo_kwargs={**SMALL, "clip_range_vf": -0.1}))
 
 
 def test_policy_rejects_bad_spaces_and_sizes():

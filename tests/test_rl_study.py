@@ -168,3 +168,112 @@ def test_report_from_study_folders(tmp_path):
     assert main(["rl", "report", "--study", str(tmp_path / "s"), str(tmp_path / "s"), "--out",
                  str(tmp_path / "r4")]) == 0
     assert "+/- 0.0 | 1 |" in (tmp_path / "r4" / "report.md").read_text()
+
+
+def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys):
+    study = load_study_config(TINY)
+    folders = run_study(study, tmp_path, workers=1, progress=False)
+    stamps = [(f / "model.zip").stat().st_mtime_ns for f in folders]
+    for change, field in [({"total_timesteps": 128, "eval_every": 128}, "total_timesteps: 256 -> 128"),
+                          ({"hidden": {"ppo": 4}}, "hidden: 8 -> 4")]:
+        with pytest.raises(ValueError, match="made with another config") as info:
+            run_study(load_study_config({**TINY, **change}), tmp_path, workers=1, progress=False)
+        assert field in str(info.value)
+        assert [(f / "model.zip").stat().st_mtime_ns for f in folders] == stamps  # nothing retrained
+        assert json.loads((tmp_path / "study.json").read_text())["total_timesteps"] == 256  # not rewritten
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps({**TINY, "hidden": {"ppo": 4}}))
+    assert main(["rl", "study", "--config", str(path), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "hidden: 8 -> 4" in capsys.readouterr().err
+    # an added seed is not a change: the finished runs are kept and the new one trained
+    grown = run_study(load_study_config({**TINY, "seeds": [0, 1]}), tmp_path, workers=1, progress=False)
+    assert len(grown) == 4 and all(is_finished(f) for f in grown)
+    assert [(f / "model.zip").stat().st_mtime_ns for f in folders] == stamps
+    # rerun_changed retrains them with the new config
+    run_study(load_study_config({**TINY, "hidden": {"ppo": 4}}), tmp_path, workers=1, progress=False,
+              rerun_changed=True)
+    assert json.loads((folders[0] / "config.json").read_text())["config"]["hidden"] == 4
+
+
+def _legacy(folder):
+    """A run stored before runs recorded the digests of their files (the committed evidence): checked by content."""
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["outputs"]
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def _legacy_garbage_returns(folder):
+    _legacy(folder)
+    (folder / "returns.csv").write_text("garbage\n1,2\n")
+
+
+def _legacy_nan_returns(folder):
+    _legacy(folder)
+    (folder / "returns.csv").write_text("timesteps,mean_return\n0,1.0\n256,nan\n")
+
+
+def _legacy_short_returns(folder):
+    _legacy(folder)
+    (folder / "returns.csv").write_text("timesteps,mean_return\n0,1.0\n")
+
+
+def _legacy_bad_zip(folder):
+    _legacy(folder)
+    (folder / "model.zip").write_bytes(b"PK not a zip")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda f: (f / "returns.csv").write_text("garbage\n1,2\n"), "returns.csv changed"),
+    (lambda f: (f / "returns.csv").write_text("timesteps,mean_return\n0,nan\n256,nan\n"), "returns.csv"),
+    (lambda f: (f / "model.zip").unlink(), "model.zip is missing"),
+    (_legacy_garbage_returns, "returns.csv has no evaluation rows"),
+    (_legacy_nan_returns, "returns.csv holds a non-finite return"),
+    (_legacy_short_returns, "returns.csv ends at step 0 of 256"),
+    (_legacy_bad_zip, "model.zip is missing or not a zip file"),
+    (lambda f: (f / "model.zip").write_bytes((f / "model.zip").read_bytes()[:100]), "model.zip"),
+    (lambda f: (f / "config.json").write_text("{"), "config.json is not valid JSON"),
+])
+def test_damaged_runs_are_not_finished_are_left_out_of_reports_and_rerun(tmp_path, capsys, damage, reason):
+    from kama.rl.study import run_problem
+
+    study = load_study_config(TINY)
+    folders = run_study(study, tmp_path / "s", workers=1, progress=False)
+    damage(folders[0])
+    assert reason in run_problem(folders[0], expand(study)[0])
+    assert main(["rl", "report", "--study", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "nan" not in text and "1 run(s) not finished yet are left out" in text
+    with pytest.warns() as record:
+        run_study(study, tmp_path / "s", workers=1, progress=False)
+    assert is_finished(folders[0], expand(study)[0])
+    if not reason.startswith("config.json"):  # a damaged run's rerun is announced
+        assert any("rerunning" in str(w.message) for w in record)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ps")
+def test_sigint_to_the_study_process_alone_stops_queued_runs(tmp_path):
+    cfg = {**TINY, "architectures": ["mlp"], "seeds": [0, 1, 2, 3, 4, 5], "total_timesteps": 60_000,
+           "eval_every": 30_000}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "kama.cli", "rl", "study", "--config", str(path), "--out", str(out),
+           "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    workers: set[int] = set()
+    while time.time() < deadline and len(workers) < 2:
+        workers = {c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()}
+        time.sleep(0.2)
+    assert workers, "no pool worker started"
+    os.kill(proc.pid, signal.SIGINT)  # the parent only, as `kill -INT pid` does
+    t0 = time.time()
+    assert proc.wait(timeout=60) == 130
+    assert time.time() - t0 < 30, "the study went on with its queued runs"
+    assert "interrupted" in proc.stderr.read()
+    finished = [s for s in range(6) if is_finished(out / f"InvertedPendulum-v5__ppo__mlp__s{s}")]
+    assert len(finished) < 6
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)

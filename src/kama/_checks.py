@@ -35,3 +35,47 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool`` (``numpy.bool_`` included), else raise ``TypeError`` naming ``name``:
+    strings such as ``"false"`` are not flags."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be true or false (a bool), got {type(value).__name__} ({value!r})")
+
+
+def check_real(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+               strict_minimum: bool = False) -> float:
+    """Return ``value`` as a finite ``float`` within the bounds, else ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and (v < minimum or (strict_minimum and v == minimum)):
+        raise ValueError(f"{name} must be {'>' if strict_minimum else '>='} {minimum}, got {value!r}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+    return v
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    """The integer environment variable ``name`` (``default`` if unset). A value that is not an integer
+    ``>= minimum`` is ignored with a ``RuntimeWarning`` naming the variable (a bad setting never breaks
+    ``import kama``)."""
+    import os
+    import warnings
+
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        warnings.warn(f"kama: ignoring the environment variable {name}={raw!r}: it must be an integer >= {minimum}; "
+                      f"using {default}", RuntimeWarning, stacklevel=2)
+        return default
+    return value

@@ -24,17 +24,18 @@ kernel per (dtype, tile rows, threads, direction) is compiled on first use (~0.1
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
+from ._checks import env_int
+
 __all__ = ["CompileError", "available", "supports", "forward", "backward", "source", "tile_rows"]
 
-TILE_BYTES = int(os.environ.get("KAMA_CUDA_TILE_BYTES", 64 * 1024))
+TILE_BYTES = env_int("KAMA_CUDA_TILE_BYTES", 64 * 1024, minimum=1024)
 """Target shared memory of one block's tile(s); the rows per tile ``BB`` are the largest power of two that fits."""
 
-THREADS = int(os.environ.get("KAMA_CUDA_THREADS", 512))
+THREADS = env_int("KAMA_CUDA_THREADS", 512, minimum=32)
 """Threads per block."""
 
 _SOURCE = r"""

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ._checks import env_int
+
 __all__ = ["available", "interpreting", "forward", "backward", "tile_rows"]
 
 
@@ -64,7 +66,7 @@ def _kernels() -> tuple[Any, Any]:
     return kern.givens_fwd, kern.givens_bwd
 
 
-SCRATCH_BYTES = int(os.environ.get("KAMA_GPU_SCRATCH_BYTES", 96 * 1024))
+SCRATCH_BYTES = env_int("KAMA_GPU_SCRATCH_BYTES", 96 * 1024, minimum=1024)
 """Target size of one program's forward scratch (``d x BB`` values), meant to stay in an SM's L1."""
 
 

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", default="local", help="local (process pool) or ray")
     st.add_argument("--workers", type=int, default=None, help="local worker processes (default: every core)")
     st.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    st.add_argument("--rerun-changed", action="store_true",
+                    help="retrain finished runs whose stored config differs from the study's (default: refuse)")
     st.add_argument("--no-progress", action="store_true")
     es = rl_sub.add_parser("es", help="evolution strategies (sb3-contrib ARS) for compact policies")
     es.add_argument("--env", default="Swimmer-v5")
@@ -88,9 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(e: BaseException, out: str | None = None) -> int:
+    """One line on stderr for a user's mistake or an unusable output folder; exit status 2."""
+    if isinstance(e, OSError):
+        where = f" (--out {out})" if out else ""
+        name = f": {e.filename}" if e.filename else ""
+        print(f"kama: error: {e.strerror or e}{name}{where}", file=sys.stderr)
+    else:
+        print(f"kama: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kama`` command; returns the exit status (2: bad input, 130: interrupted)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("kama: interrupted; rerun the same command to resume (finished work is kept)", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     from .experiments.runner import load_experiments, reproduce
+    from .records import FolderBusyError
 
     if args.command == "rl":
         return _rl(args)
@@ -103,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = reproduce(mode=args.mode, only=args.only, out=args.out, overrides=_parse_set(args.set),
                            force=args.force, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"kama: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, FolderBusyError) as e:
+        return _error(e, args.out)
     print(f"report: {report}")
     return 0
 
 
 def _rl(args: argparse.Namespace) -> int:
+    from .records import FolderBusyError
+
     try:
         from .rl.study import load_study_config, run_study
         from .rl.train import RunConfig, train
@@ -130,35 +154,33 @@ def _rl(args: argparse.Namespace) -> int:
                            ray_address=args.ray_address, seed=args.seed)
             out = args.out or f"results/es/{args.env}-{args.policy}-s{args.seed}"
             train_es(cfg, out)
-        except (ValueError, TypeError) as e:
-            print(f"kama: error: {e}", file=sys.stderr)
-            return 2
+        except (ValueError, TypeError, OSError, FolderBusyError) as e:
+            return _error(e, args.out)
         print(f"run written to {out}")
         return 0
     if args.rl_command == "report":
-        from .experiments.base import atomic_write_text, provenance
         from .experiments.rl import report
+        from .records import atomic_write_text, provenance
 
         try:
             studies = [(load_study_config(Path(d) / "study.json"), Path(d)) for d in args.study]
             body = report(studies, Path(args.out))
-        except (ValueError, OSError, json.JSONDecodeError) as e:
-            print(f"kama: error: {e}", file=sys.stderr)
-            return 2
-        prov = provenance()
-        head = (f"# RL study report\n\nFrom {', '.join(args.study)}; generated {prov['time_utc']} at commit "
-                f"`{prov['git_commit']}` (kama {prov['kama_version']}).\n\n")
-        atomic_write_text(Path(args.out) / "report.md", head + body + "\n")
+            prov = provenance()
+            head = (f"# RL study report\n\nFrom {', '.join(args.study)}; generated {prov['time_utc']} at commit "
+                    f"`{prov['git_commit']}` (kama {prov['kama_version']}).\n\n")
+            atomic_write_text(Path(args.out) / "report.md", head + body + "\n")
+        except (ValueError, TypeError, OSError) as e:
+            return _error(e, args.out)
         print(f"report: {Path(args.out) / 'report.md'}")
         return 0
     if args.rl_command == "study":
         try:
             study = load_study_config(args.config)
             folders = run_study(study, args.out, backend=args.backend, workers=args.workers,
-                                ray_address=args.ray_address, progress=not args.no_progress)
-        except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
-            print(f"kama: error: {e}", file=sys.stderr)
-            return 2
+                                ray_address=args.ray_address, progress=not args.no_progress,
+                                rerun_changed=args.rerun_changed)
+        except (ValueError, TypeError, OSError, FolderBusyError) as e:
+            return _error(e, args.out)
         print(f"{len(folders)} runs under {args.out}")
         return 0
     try:
@@ -169,9 +191,8 @@ def _rl(args: argparse.Namespace) -> int:
                         eval_episodes=args.eval_episodes, seed=args.seed, algo_kwargs=algo_kwargs)
         out = args.out or f"results/rl/{args.env}-{args.algo}-{args.policy}-s{args.seed}"
         train(cfg, out)
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        print(f"kama: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, FolderBusyError) as e:
+        return _error(e, args.out)
     print(f"run written to {out}")
     return 0
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _cuda, _triton
-from ._checks import check_choice, check_float_tensor, check_int
+from ._checks import check_bool, check_choice, check_float_tensor, check_int, env_int
 
 try:  # the optional compiled CPU kernel (built by setup.py; plain C, see _cgivens.c)
     from . import _cgivens  # type: ignore[attr-defined]
@@ -210,6 +210,8 @@ def random_angles(
     """
     k = check_int("k", k, minimum=0)
     generator = _cpu_generator(generator)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (angles are real numbers), got {dtype!r}")
     a = torch.rand(k, generator=generator, dtype=torch.float64) * (2 * math.pi)
     return a.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
@@ -474,7 +476,7 @@ def _walk_backward(
     return state[1], gt
 
 
-TILE_BUDGET_BYTES = int(os.environ.get("KAMA_TILE_BYTES", 2 * 1024 * 1024))
+TILE_BUDGET_BYTES = env_int("KAMA_TILE_BYTES", 2 * 1024 * 1024, minimum=1024)
 """Cache budget of the compiled kernel's tiles (environment ``KAMA_TILE_BYTES``, read at import)."""
 
 
@@ -742,6 +744,15 @@ def _apply_reference(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, t
     return _GivensFunction.apply(x2, angles, plan, transpose, "torch")
 
 
+def _apply_traceable(x2: torch.Tensor, plan: GivensPlan, angles: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """The layered walk in out-of-place tensor operations only (no custom autograd, no kernel): what
+    ``torch.jit.trace`` records. Differentiated by autograd itself, so it saves every layer's state."""
+    cdtype = _compute_dtype(x2.dtype)
+    c, s = _coefficients(plan, angles, cdtype, transpose)
+    state = _walk_forward(x2.t().to(cdtype), plan, c, s, transpose, inplace=False)
+    return state.t().to(x2.dtype)
+
+
 def cpu_kernel_available() -> bool:
     """Whether the compiled CPU kernel ``kama._cgivens`` loaded."""
     return _cgivens is not None
@@ -957,6 +968,7 @@ def givens_apply(
     x = check_float_tensor("x", x)
     angles = check_float_tensor("angles", angles)
     backend = check_choice("backend", backend, BACKENDS)
+    transpose = check_bool("transpose", transpose)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., d), got a 0-d tensor")
     d = int(x.shape[-1])
@@ -976,6 +988,9 @@ def givens_apply(
             f"angles must have shape ({plan.num_rotations},) to match pairs, got {tuple(angles.shape)}"
         )
     x2 = x if x.dim() == 2 else x.reshape(-1, d)  # (a reshape costs ~1 us: batch-1 calls notice)
+    if torch.jit.is_tracing():  # kernels write through raw pointers and autograd.Functions do not trace
+        y2 = _apply_traceable(x2, plan, angles, bool(transpose))
+        return y2 if x.dim() == 2 else y2.reshape(x.shape)
     if backend == "auto":
         n_rows = x2.shape[0]
         if x.is_cpu and _cgivens is not None:  # choose_backend's answer without its device lookups (~1 us)
@@ -1003,6 +1018,7 @@ def givens_matrix(
     """
     d = check_int("d", d, minimum=1)
     angles = check_float_tensor("angles", angles)
+    transpose = check_bool("transpose", transpose)
     eye = torch.eye(d, dtype=angles.dtype, device=angles.device)
     return givens_apply(eye, pairs, angles, transpose=not transpose, backend="reference")
 
@@ -1037,8 +1053,16 @@ def plane_scores(
     if grad_y.shape != x.shape:
         raise ValueError(f"grad_y must have the shape of x {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     k = plan.num_rotations
+    if not isinstance(candidates, torch.Tensor) or candidates.dtype.is_floating_point \
+            or candidates.dtype.is_complex or candidates.dtype == torch.bool:
+        raise TypeError(f"candidates must be an integer tensor of shape ({k}, c, 2), got "
+                        f"{getattr(candidates, 'dtype', type(candidates).__name__)}")
     if candidates.dim() != 3 or candidates.shape[0] != k or candidates.shape[2] != 2:
         raise ValueError(f"candidates must have shape ({k}, c, 2), got {tuple(candidates.shape)}")
+    try:
+        _check_pairs(candidates.reshape(-1, 2), d)  # planes in [0, d), i != j: no negative index wraps around
+    except ValueError as e:
+        raise ValueError(f"candidates: {e}") from None
     cdtype = _compute_dtype(x.dtype)
     with torch.no_grad():
         c, s = _coefficients(plan, angles.detach(), cdtype, False)

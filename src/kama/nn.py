@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import givens as _givens
-from ._checks import check_int
+from ._checks import FLOAT_DTYPES, check_int
 from .givens import (
     GivensPlan,
     _as,
@@ -39,6 +39,14 @@ from .givens import (
 )
 
 __all__ = ["KamaLinear", "ToeplitzLinear"]
+
+
+def _check_dtype(dtype: object) -> torch.dtype | None:
+    """A layer's ``dtype``: ``None`` (the default dtype) or a real floating dtype (a rotation's angles, scalars
+    and outputs are real; complex dtypes would silently drop imaginary parts)."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
+        raise TypeError(f"dtype must be None or one of {[str(t) for t in FLOAT_DTYPES]}, got {dtype!r}")
+    return dtype  # type: ignore[return-value]
 
 
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -149,7 +157,7 @@ class KamaLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": _check_dtype(dtype)}
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
         self.n = max(self.in_features, self.out_features)
@@ -228,6 +236,10 @@ class KamaLinear(nn.Module):
         angles = params["angles"] if "angles" in params else self.angles
         scale = params["scale"] if "scale" in params else self.scale
         bias = params["bias"] if "bias" in params else self.bias
+        if x.is_meta or angles.is_meta:  # shape propagation (meta-device models): no values to rotate
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        if torch.jit.is_tracing():  # the compiled paths write through raw pointers, which a trace cannot record
+            return F.linear(x, self.to_dense(), bias)
         n_rows = x.numel() // self.in_features
         plan = self._plan()
         if not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
@@ -315,6 +327,8 @@ class KamaLinear(nn.Module):
                 :func:`kama.givens_apply`): ``"reference"`` (pure PyTorch, the test oracle) by default;
                 ``"auto"`` uses the compiled kernel where there is one (about 20x faster for RL-size layers).
         """
+        if self.angles.is_meta:
+            return self.angles.new_empty(self.out_features, self.in_features)
         eye = torch.eye(self.n, dtype=self.angles.dtype, device=self.angles.device)
         m = givens_apply(eye, self._plan(), self.angles, transpose=True, backend=backend)
         return _weight_from_matrix(m, self.scale, self.in_features, self.out_features)
@@ -540,7 +554,7 @@ class ToeplitzLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": _check_dtype(dtype)}
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
         self.coeffs = nn.Parameter(torch.empty(self.in_features + self.out_features - 1, **factory))

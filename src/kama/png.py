@@ -109,23 +109,55 @@ def png_kernel(
     return (nx[:, None] * ny[None, :]) ** 2 * (3 * s * c + (pi - theta) * (1 + 2 * c * c)) / (2 * pi)
 
 
+def _heaviside(u: torch.Tensor) -> torch.Tensor:
+    return (u > 0).to(u.dtype)
+
+
+def _relu_squared(u: torch.Tensor) -> torch.Tensor:
+    return torch.relu(u).square()
+
+
+class _CosSin:
+    """``u -> [cos(c u), sin(c u)]`` (a class, not a closure, so that fitted transformers pickle)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.cos(self.scale * u), torch.sin(self.scale * u)], dim=-1)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _CosSin) and other.scale == self.scale
+
+    def __hash__(self) -> int:
+        return hash(("cos-sin", self.scale))
+
+    def __repr__(self) -> str:
+        return f"cos_sin(scale={self.scale!r})"
+
+
 def feature_function(kernel: str, gamma: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""The f of a named kernel, applied to projections ``u = W x`` (``(..., m) -> (..., m')``).
 
     For ``rbf`` it returns ``[cos(c u), sin(c u)]`` with :math:`c = \sqrt{2\gamma}` (``m' = 2m``), whose inner
-    products average to the Gaussian kernel.
+    products average to the Gaussian kernel. Every returned function is picklable.
+
+    Example:
+        >>> import pickle
+        >>> f = pickle.loads(pickle.dumps(feature_function("rbf", gamma=0.5)))
+        >>> f(torch.zeros(1, 2))
+        tensor([[1., 1., 0., 0.]])
     """
     kernel = check_choice("kernel", kernel, KERNELS)
     if kernel == "angular":
         return torch.sign
     if kernel == "arccos0":
-        return lambda u: (u > 0).to(u.dtype)
+        return _heaviside
     if kernel == "arccos1":
         return torch.relu
     if kernel == "arccos2":
-        return lambda u: torch.relu(u).square()
-    scale = math.sqrt(2.0 * gamma)
-    return lambda u: torch.cat([torch.cos(scale * u), torch.sin(scale * u)], dim=-1)
+        return _relu_squared
+    return _CosSin(math.sqrt(2.0 * gamma))
 
 
 def png_kernel_quadrature(

@@ -55,6 +55,7 @@ class PNGFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
 
     Attributes:
         matrix_: the sampled :class:`kama.features.RandomMatrix`.
+        feature_function_: the f applied to the projections (a picklable function for the named kernels).
         n_features_in_: number of input features.
 
     Zero rows have no angle; the estimate for them is ``f(0) phi(y)``-based like the exact kernel
@@ -98,15 +99,28 @@ class PNGFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         f = self.kernel if callable(self.kernel) else feature_function(self.kernel)
         return f, int(self.n_components)
 
+    def _check_feature_function(self, f: Callable[[torch.Tensor], torch.Tensor], m: int) -> None:
+        """A callable kernel must act element-wise: a ``(2, m)`` float64 tensor in, the same shape out."""
+        if not callable(self.kernel):
+            return
+        probe = torch.linspace(-2.0, 2.0, 2 * m, dtype=torch.float64).view(2, m)
+        out = f(probe)
+        if not isinstance(out, torch.Tensor) or out.shape != probe.shape or not out.dtype.is_floating_point:
+            got = f"{type(out).__name__} of shape {tuple(out.shape)} and dtype {out.dtype}" \
+                if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"kernel, a callable, must map a float64 tensor of shape (n, m) to a floating tensor of "
+                             f"the same shape (it acts element-wise), got {got} for shape {tuple(probe.shape)}")
+
     def fit(self, X, y=None):
         """Sample the random matrix for ``X``'s number of features."""
         f, m = self._check_params()
+        self._check_feature_function(f, m)
         X = _validate_data(self, X, reset=True, dtype=np.float64)
         rng = check_random_state(self.random_state)
         gen = torch.Generator().manual_seed(int(rng.randint(0, 2**31 - 1)))
         kw = {"num_rotations": self.num_rotations} if self.sampler == "kama" else {}
         self.matrix_ = random_matrix(self.sampler, X.shape[1], m, generator=gen, dtype=torch.float64, **kw)
-        self._f = f
+        self.feature_function_ = f
         self._n_features_out = int(self.n_components)
         return self
 
@@ -116,7 +130,8 @@ class PNGFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         X = _validate_data(self, X, reset=False, dtype=np.float64)
         with torch.no_grad():
             X = np.ascontiguousarray(X)
-            phi = feature_map(torch.from_numpy(X if X.flags.writeable else X.copy()), self.matrix_, self._f)
+            phi = feature_map(torch.from_numpy(X if X.flags.writeable else X.copy()), self.matrix_,
+                              self.feature_function_)
         return phi.numpy()
 
     def __sklearn_tags__(self):

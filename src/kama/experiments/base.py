@@ -9,84 +9,21 @@ run resumes where it stopped, and a finished experiment is skipped when rerun wi
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
-import os
-import platform
-import subprocess
-import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from .._checks import check_bool, check_choice, check_int, check_real
+from ..records import StaleResultWarning, atomic_write_text, content_hash, git_commit, provenance, write_csv
 
-__all__ = ["Experiment", "RunContext", "REGISTRY", "register", "atomic_write_text", "provenance", "git_commit"]
+__all__ = ["Experiment", "RunContext", "REGISTRY", "register", "atomic_write_text", "provenance", "git_commit",
+           "write_csv", "UNIT_FORMAT", "check_fields"]
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write a list of flat dicts as CSV (columns from the first row), atomically."""
-    if not rows:
-        atomic_write_text(path, "")
-        return
-    cols = list(rows[0])
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join(_fmt(r.get(c)) for c in cols))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    return "" if v is None else str(v)
-
-
-def git_commit() -> str:
-    """The git commit of the working directory's repository, or of the package's, with ``+dirty`` if so."""
-    for cwd in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                  timeout=10)
-            if head.returncode != 0:
-                continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                   capture_output=True, text=True, timeout=10)
-            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return "unknown"
-
-
-def provenance() -> dict[str, Any]:
-    """Package version, git commit, torch version, machine and time, stored beside every result."""
-    from .. import __version__
-
-    return {
-        "kama_version": __version__,
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": os.cpu_count(),
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+UNIT_FORMAT = 1
+"""Version of the stored unit envelope ``{"format", "unit", "config_hash", "sha256", "value"}``."""
 
 
 class _NullBar:
@@ -101,30 +38,53 @@ class _NullBar:
 class RunContext:
     """Where an experiment writes, and its resumable units.
 
+    Every unit is stored as ``units/<key>.json`` holding the value, the unit's key, the hash of the config it
+    was computed with and a digest of the value. A stored unit is reused only if all of them check out; a
+    corrupt, truncated or foreign file, or one of another config, is recomputed with a
+    :class:`~kama.records.StaleResultWarning`.
+
     Attributes:
         out_dir: the experiment's folder (``<out>/<name>``).
+        config_hash: :func:`kama.records.content_hash` of the experiment's config.
         bar: a progress bar (``update``/``set_postfix_str``), one tick per unit.
         units_done: units loaded from disk instead of recomputed in this run.
     """
 
     out_dir: Path
+    config_hash: str = ""
     bar: Any = field(default_factory=_NullBar)
     units_done: int = 0
 
+    def _stored(self, path: Path, key: str) -> tuple[Any, str | None]:
+        """``(value, None)`` for a valid stored unit, else ``(None, why not)``."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return None, f"it is not valid JSON ({e})"
+        if not isinstance(data, dict) or not {"format", "unit", "config_hash", "sha256", "value"} <= set(data):
+            return None, "it is not a stored unit"
+        if data["format"] != UNIT_FORMAT or data["unit"] != key:
+            return None, f"it is unit {data['unit']!r} of format {data['format']!r}"
+        if data["config_hash"] != self.config_hash:
+            return None, "it was computed with another config"
+        if data["sha256"] != content_hash(data["value"]):
+            return None, "its value does not match its digest"
+        return data["value"], None
+
     def unit(self, key: str, fn: Callable[[], Any]) -> Any:
-        """Return the JSON result of unit ``key``, computing and storing it only if not stored yet."""
+        """Return the JSON result of unit ``key``, computing and storing it only if no valid one is stored."""
         path = self.out_dir / "units" / f"{key}.json"
         self.bar.set_postfix_str(key)
         if path.exists():
-            try:
-                value = json.loads(path.read_text())
+            value, why = self._stored(path, key)
+            if why is None:
                 self.units_done += 1
                 self.bar.update(1)
                 return value
-            except json.JSONDecodeError:
-                path.unlink()
-        value = fn()
-        atomic_write_text(path, json.dumps(value))
+            warnings.warn(f"kama: recomputing {path}: {why}", StaleResultWarning, stacklevel=2)
+        value = json.loads(json.dumps(fn()))  # stored and returned alike (tuples become lists)
+        atomic_write_text(path, json.dumps({"format": UNIT_FORMAT, "unit": key, "config_hash": self.config_hash,
+                                            "sha256": content_hash(value), "value": value}))
         self.bar.update(1)
         return value
 
@@ -139,6 +99,8 @@ class Experiment:
         configs: ``{"quick": cfg, "full": cfg}``, frozen dataclass instances (documented fields).
         run: ``run(config, ctx)``; writes figures and CSVs under ``ctx.out_dir`` and returns a Markdown summary.
         num_units: ``num_units(config)``, the number of ``ctx.unit`` calls (for the progress bar).
+        check: ``check(config)``, validation too costly for the config's ``__post_init__`` (e.g. creating an
+            environment), run for every experiment before any of them starts.
     """
 
     name: str
@@ -146,6 +108,7 @@ class Experiment:
     configs: dict[str, Any]
     run: Callable[[Any, RunContext], str]
     num_units: Callable[[Any], int]
+    check: Callable[[Any], None] | None = None
 
     def config(self, mode: str, overrides: dict[str, Any] | None = None) -> Any:
         cfg = self.configs[mode]
@@ -158,8 +121,44 @@ class Experiment:
             overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
             for k, v in overrides.items():
                 _check_override(f"{self.name}.{k}", getattr(cfg, k), v)
-            cfg = dataclasses.replace(cfg, **overrides)
+            try:  # the config's own checks (its __post_init__) name the field; say whose field it is
+                cfg = dataclasses.replace(cfg, **overrides)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{self.name}.{e}") from None
         return cfg
+
+
+def check_fields(cfg: Any, spec: dict[str, tuple]) -> None:
+    """Validate a config dataclass's fields (type and range), raising ``TypeError`` / ``ValueError`` that name the
+    field. ``spec`` maps a field to ``(kind, *bounds)``:
+
+    * ``("int", minimum)``, ``("real", minimum, maximum, minimum_excluded)``, ``("bool",)``;
+    * ``("ints", minimum)``, ``("reals", minimum, maximum, minimum_excluded)``: non-empty lists of them;
+    * ``("names", choices)``: a non-empty list of distinct strings from ``choices``.
+    """
+    for name, (kind, *bounds) in spec.items():
+        value = getattr(cfg, name)
+        if kind == "int":
+            check_int(name, value, minimum=bounds[0])
+        elif kind == "real":
+            check_real(name, value, minimum=bounds[0], maximum=bounds[1], strict_minimum=bounds[2])
+        elif kind == "bool":
+            check_bool(name, value)
+        else:
+            if not isinstance(value, tuple | list) or not value:
+                raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+            for v in value:
+                if kind == "ints":
+                    check_int(f"{name} (each entry)", v, minimum=bounds[0])
+                elif kind == "reals":
+                    check_real(f"{name} (each entry)", v, minimum=bounds[0], maximum=bounds[1],
+                               strict_minimum=bounds[2])
+                elif kind == "names":
+                    check_choice(f"{name} (each entry)", v, tuple(bounds[0]))
+                else:  # pragma: no cover - a spec error in this package
+                    raise AssertionError(f"unknown field kind {kind!r}")
+            if kind == "names" and len(set(value)) != len(value):
+                raise ValueError(f"{name} must not repeat an entry, got {list(value)!r}")
 
 
 def _check_override(name: str, default: Any, value: Any) -> None:
@@ -171,7 +170,8 @@ def _check_override(name: str, default: Any, value: Any) -> None:
         if isinstance(default, kind):
             ok = isinstance(value, kind) and not (kind == (int, float) and isinstance(value, bool))
             if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                ok = value.is_integer()
+                ok = False  # an int field takes an int (50, not 50.0)
+                words = "an int"
             if not ok:
                 raise ValueError(f"{name} must be {words} like its default {default!r}, got {value!r}")
             return

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 
 from ..givens import givens_matrix, random_angles, random_pairs
-from .base import Experiment, RunContext, register, write_csv
+from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import log_xticks, pyplot
 
 
@@ -50,6 +50,11 @@ class CapacityConfig:
     fit_steps: int = 1500
     fit_lr: float = 0.05
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"dims": ("ints", 2), "ratios": ("reals", 0.0, None, True), "walks": ("int", 2),
+                            "fit_dims": ("ints", 2), "fit_ratios": ("reals", 0.0, None, True),
+                            "fit_steps": ("int", 1), "fit_lr": ("real", 0.0, None, True), "seed": ("int", 0)})
 
 
 QUICK = CapacityConfig(dims=(16, 64), ratios=(0.25, 0.5, 1.0, 2.0, 4.0), walks=1000, fit_dims=(8,),

@@ -4,13 +4,13 @@ Toeplitz and unstructured policies, evaluation returns over time (mean +/- std o
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import Experiment, RunContext, register, write_csv
+from .base import Experiment, RunContext, check_fields, register, write_csv
 from .rl import LABEL, _plot_curves, read_returns
 
 
@@ -29,6 +29,36 @@ class ESExperimentConfig:
     es: dict[str, Any] = field(default_factory=lambda: {"hidden": 16, "num_rotations": 50,
                                                         "total_timesteps": 1_000_000, "population": 16,
                                                         "eval_every": 25_000, "eval_episodes": 3})
+
+    def __post_init__(self) -> None:
+        from ..rl.es import ESConfig, validate_es
+        from ..rl.policies import ARCHITECTURES
+
+        check_fields(self, {"architectures": ("names", ARCHITECTURES), "seeds": ("ints", 0)})
+        if not isinstance(self.es, dict):
+            raise TypeError(f"es must be a mapping of ESConfig fields, got {self.es!r}")
+        owned = sorted({"env_id", "architecture", "seed"} & set(self.es))
+        unknown = sorted(set(self.es) - {f.name for f in fields(ESConfig)})
+        if owned or unknown:
+            raise ValueError(f"es cannot set {owned or unknown}: " + ("env_id, architectures and seeds are fields "
+                             "of their own" if owned else "ESConfig has no such field(s)"))
+        try:
+            validate_es(ESConfig(env_id=self.env_id, architecture=self.architectures[0], **self.es),
+                        check_environment=False)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"es: {e}") from None
+
+
+def check_environment(cfg: ESExperimentConfig) -> None:
+    """The task must be a gymnasium id with Box spaces (checked before any work; it creates one environment)."""
+    from ..rl.policies import check_env
+
+    if not isinstance(cfg.env_id, str):
+        raise TypeError(f"env_id must be a gymnasium id (a str), got {cfg.env_id!r}")
+    try:
+        check_env(cfg.env_id)
+    except ValueError as e:
+        raise ValueError(f"env_id: {e}") from None
 
 
 def run(cfg: ESExperimentConfig, ctx: RunContext) -> str:
@@ -73,4 +103,5 @@ EXPERIMENT = register(Experiment(
              "full": ESExperimentConfig()},
     run=run,
     num_units=lambda c: len(c.architectures) * len(c.seeds),
+    check=check_environment,
 ))

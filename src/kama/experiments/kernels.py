@@ -23,11 +23,12 @@ import torch
 from .. import datasets
 from ..features import SAMPLERS, random_matrix
 from ..png import png_kernel, png_kernel_quadrature
-from .base import Experiment, RunContext, register, write_csv
+from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import log_xticks, pyplot
 
 LABELS = {"gaussian": "URN", "hadamard": "HORN", "kama": "KAMA", "orthogonal": "ORN"}
 ORDER = ("gaussian", "hadamard", "kama", "orthogonal")
+_DATASETS = datasets.NAMES + datasets.ALTERNATIVES
 
 
 def subset(name: str, n_points: int, standardize: bool, seed: int) -> torch.Tensor:
@@ -96,6 +97,11 @@ class KernelApproxConfig:
     blocks: int = 8
     standardize: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"datasets": ("names", _DATASETS), "fig1_datasets": ("names", _DATASETS),
+                            "samplers": ("names", ORDER), "n_points": ("int", 2), "reps": ("int", 1),
+                            "blocks": ("int", 1), "standardize": ("bool",), "seed": ("int", 0)})
 
 
 def run_kernel_approx(cfg: KernelApproxConfig, ctx: RunContext) -> str:
@@ -211,6 +217,11 @@ class GapConfig:
     angle: float = math.pi / 3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, {"dims": ("ints", 2), "functions": ("names", tuple(FUNCTIONS)),
+                            "samplers": ("names", ("orthogonal", "kama")), "pairs": ("int", 1), "reps": ("int", 2),
+                            "angle": ("real", 0.0, math.pi, True), "seed": ("int", 0)})
+
 
 def _pairs_at_angle(d: int, n: int, angle: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     a = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -313,6 +324,10 @@ class AblationConfig:
     reps: int = 300
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, {"datasets": ("names", _DATASETS), "ratios": ("reals", 0.0, None, True),
+                            "n_points": ("int", 2), "reps": ("int", 1), "seed": ("int", 0)})
+
 
 def ablation_mse(X: torch.Tensor, sampler: str, reps: int, seed: int, num_rotations: int | None = None) -> float:
     n, d = X.shape
@@ -394,6 +409,10 @@ class SpeedConfig:
     repeats: int = 5
     threads: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"dims": ("ints", 2), "n_points": ("int", 1), "repeats": ("int", 1),
+                            "threads": ("int", 1), "seed": ("int", 0)})
 
 
 def featurize_seconds(sampler: str, d: int, n_points: int, repeats: int, seed: int) -> float:

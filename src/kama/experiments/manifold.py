@@ -12,7 +12,7 @@ import torch
 
 from ..givens import givens_matrix, random_angles, random_pairs
 from ..manifold import RULES, Brockett, Procrustes, givens_coordinate_descent
-from .base import Experiment, RunContext, register, write_csv
+from .base import Experiment, RunContext, check_fields, register, write_csv
 from .capacity import haar_rotation
 from .plotting import log_xticks, pyplot
 
@@ -82,7 +82,7 @@ def adam_angles(f, d: int, k: int, steps: int, lr: float, seed: int) -> list[tup
         val = f(givens_matrix(pairs, angles, d))
         val.backward()
         opt.step()
-        out.append((time.perf_counter() - t0, float(val)))
+        out.append((time.perf_counter() - t0, float(val.detach())))
     return out
 
 
@@ -108,6 +108,13 @@ class ManifoldConfig:
     capacity_d: int = 16
     capacity_ratios: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"theorem_d": ("int", 2), "theorem_steps": ("int", 1),
+                            "problems": ("names", ("brockett", "procrustes", "haar_fit")), "d": ("int", 2),
+                            "steps": ("int", 1), "rgd_steps": ("int", 1), "adam_steps": ("int", 1),
+                            "capacity_d": ("int", 2), "capacity_ratios": ("reals", 0.0, None, True),
+                            "seed": ("int", 0)})
 
 
 def _theorem(cfg: ManifoldConfig) -> list[dict]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice, check_int
 from .base import Experiment, RunContext, register, write_csv
 from .plotting import pyplot
 
@@ -57,6 +58,25 @@ class RLConfig:
     workers: int = 0
     table_tasks: tuple[str, ...] = ("HalfCheetah-v5", "Walker2d-v5", "Hopper-v5")
     table_rotations: dict[str, int] = field(default_factory=lambda: {"ppo": 200, "trpo": 100})
+
+    def __post_init__(self) -> None:
+        from ..rl.study import load_study_config
+        from ..rl.train import ALGORITHMS
+
+        if not isinstance(self.study, dict):
+            raise TypeError(f"study must be a mapping of StudyConfig fields, got {self.study!r}")
+        try:
+            load_study_config(self.study)  # types and ranges; check_runs validates every run before any work
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"study: {e}") from None
+        check_int("workers", self.workers, minimum=0)
+        if not isinstance(self.table_tasks, tuple | list) or not all(isinstance(t, str) for t in self.table_tasks):
+            raise TypeError(f"table_tasks must be a list of gymnasium ids, got {self.table_tasks!r}")
+        if not isinstance(self.table_rotations, dict) or not self.table_rotations:
+            raise TypeError(f'table_rotations must be a mapping like {{"ppo": 200}}, got {self.table_rotations!r}')
+        for algo, k in self.table_rotations.items():
+            check_choice("table_rotations (its keys)", algo, ALGORITHMS)
+            check_int(f"table_rotations[{algo!r}]", k, minimum=1)
 
 
 QUICK = RLConfig(study={"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "architectures": ["kama", "toeplitz",
@@ -165,21 +185,24 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
         cfg: supplies the Table 1 tasks and K.
         link_prefix: prefix of the image links in the returned Markdown.
     """
-    from ..rl.study import expand, is_finished, run_id
+    from ..rl.study import expand, run_id, run_problem
 
-    runs, folders, missing, seen = [], [], 0, set()
+    runs, folders, missing, damaged, seen = [], [], 0, [], set()
     for study, folder in studies:
         for r in expand(study):
             key = (r.env_id, r.algo, _variant(r), r.num_rotations, r.learn_planes, r.seed)
             if key in seen:  # the same run listed by two studies (e.g. shared baselines) counts once
                 continue
             f = Path(folder) / run_id(r)
-            if is_finished(f):
+            why = run_problem(f, r)
+            if why is None:
                 seen.add(key)
                 runs.append(r)
                 folders.append(f)
             else:
                 missing += 1
+                if why not in ("not started", "not finished"):
+                    damaged.append(f"{run_id(r)}: {why}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
         return f"No finished run yet ({missing} unfinished)."
@@ -192,6 +215,9 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     extra = [f"![learning curves]({link_prefix}learning_curves.png)", ""]
     if missing:
         extra += [f"{missing} run(s) not finished yet are left out.", ""]
+    if damaged:
+        extra += ["Left out as damaged or made with another config (rerun the study to redo them):", ""]
+        extra += [f"- {line}" for line in damaged] + [""]
     abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
     if len({k[3] for k in abl}) > 1:
         _plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
@@ -248,10 +274,21 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     return "\n".join(lines)
 
 
+def check_runs(cfg: RLConfig) -> None:
+    """Validate every run of the study (environments included) before any training."""
+    from ..rl.study import expand, load_study_config
+
+    try:
+        expand(load_study_config(cfg.study))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"study: {e}") from None
+
+
 EXPERIMENT = register(Experiment(
     name="rl",
     title="Compact RL policies: learning curves, K ablation, planes, IQM, Table 1 (section 6.2-6.3)",
     configs={"quick": QUICK, "full": FULL},
     run=run,
     num_units=lambda c: 1,
+    check=check_runs,
 ))

@@ -31,8 +31,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
-from .._checks import check_choice, check_int
-from ..experiments.base import atomic_write_text, provenance, write_csv
+from .._checks import check_bool, check_choice, check_int
+from ..records import atomic_write_text, provenance, write_csv
 from .fast import FastActor
 from .policies import ARCHITECTURES, check_env, check_spaces, structured_layer
 
@@ -161,8 +161,9 @@ class ESConfig:
     seed: int = 0
 
 
-def validate_es(cfg: ESConfig) -> None:
-    """Typed errors before any rollout."""
+def validate_es(cfg: ESConfig, *, check_environment: bool = True) -> None:
+    """Typed errors naming the field before any rollout (``check_environment``: also create the environment once
+    to check its spaces)."""
     check_choice("architecture", cfg.architecture, ARCHITECTURES)
     check_int("hidden", cfg.hidden, minimum=1)
     check_int("num_rotations", cfg.num_rotations, minimum=1)
@@ -182,9 +183,14 @@ def validate_es(cfg: ESConfig) -> None:
         raise ValueError(f"learning_rate must be a positive number, got {cfg.learning_rate!r}")
     check_int("eval_every", cfg.eval_every, minimum=1)
     check_int("eval_episodes", cfg.eval_episodes, minimum=1)
+    check_bool("normalize_observations", cfg.normalize_observations)
     check_int("workers", cfg.workers, minimum=1)
     check_choice("backend", cfg.backend, ES_BACKENDS)
-    check_env(cfg.env_id)
+    check_int("seed", cfg.seed, minimum=0)
+    if not isinstance(cfg.env_id, str):
+        raise TypeError(f"env_id must be a gymnasium id (a str), got {type(cfg.env_id).__name__} ({cfg.env_id!r})")
+    if check_environment:
+        check_env(cfg.env_id)
 
 
 class _RolloutWorker:

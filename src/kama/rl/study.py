@@ -1,7 +1,14 @@
 r"""A sweep of RL runs (tasks x algorithms x architectures x K x planes x seeds) that survives interruption.
 
-Every run writes its own folder (``returns.csv``, ``config.json``, ``model.zip``); a run whose
-``config.json`` says ``"finished": true`` is never redone, an unfinished one is restarted from scratch.
+Every run writes its own folder (``returns.csv``, ``config.json``, ``model.zip``). A run counts as finished only
+if its ``config.json`` says ``"finished": true``, holds the same config the study now asks for, and its files
+are complete (the digests recorded at the end of training, a parsable ``returns.csv`` that reaches the run's
+step budget, a valid ``model.zip``); an unfinished or damaged run is restarted from scratch (with a
+:class:`~kama.records.StaleResultWarning` when it was damaged). A finished run made with another config is
+never overwritten silently: the study refuses, naming the runs and the fields that differ, unless asked to
+rerun them (``rerun_changed=True``, ``kama rl study --rerun-changed``). One study process writes to a folder
+at a time (:class:`~kama.records.FolderLock`).
+
 Runs are independent processes: a local process pool by default (one torch thread each, every core used), or
 Ray tasks on a cluster (``backend="ray"``; ``RAY_ADDRESS`` or ``ray_address`` selects it, else a local Ray
 instance is started).
@@ -9,10 +16,14 @@ instance is started).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
+import warnings
+import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -22,11 +33,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_int
+from .._checks import check_bool, check_choice, check_int
+from ..records import FolderLock, StaleResultWarning, check_manifest
 from .policies import ARCHITECTURES
-from .train import ALGORITHMS, RunConfig, train, validate
+from .train import ALGORITHMS, RunConfig, stored_config, train, validate
 
-__all__ = ["StudyConfig", "load_study_config", "expand", "run_id", "is_finished", "run_study", "BACKENDS"]
+__all__ = ["StudyConfig", "load_study_config", "expand", "run_id", "is_finished", "run_problem", "config_changes",
+           "run_study", "BACKENDS"]
 
 BACKENDS: tuple[str, ...] = ("local", "ray")
 
@@ -62,8 +75,50 @@ class StudyConfig:
     structured_critic: bool = False
 
 
+_TUPLES = {"tasks": str, "algos": str, "architectures": str, "seeds": int, "num_rotations": int,
+           "learn_planes": bool}
+
+
+def _check_study(data: dict[str, Any]) -> dict[str, Any]:
+    """Type checks of every field (errors name the field); returns the fields with lists as tuples."""
+    out = dict(data)
+    for key, kind in _TUPLES.items():
+        if key not in out:
+            continue
+        value = out[key]
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError(f"{key} must be a non-empty list, got {value!r}")
+        for v in value:
+            ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+            if not ok:
+                raise TypeError(f"{key} must be a list of {kind.__name__} values, got {v!r} in {list(value)!r}")
+        out[key] = tuple(value)
+    for key in ("total_timesteps", "eval_every", "eval_episodes"):
+        if key in out:
+            check_int(key, out[key], minimum=1)
+    if "structured_critic" in out:
+        check_bool("structured_critic", out["structured_critic"])
+    if "hidden" in out:
+        hidden = out["hidden"]
+        if not isinstance(hidden, dict) or not all(isinstance(k, str) for k in hidden):
+            raise TypeError(f'hidden must be a mapping from algorithm to units, like {{"ppo": 64, "trpo": 32}}, '
+                            f"got {hidden!r}")
+        for algo, units in hidden.items():
+            check_choice("hidden (its keys)", algo, ALGORITHMS)
+            check_int(f"hidden[{algo!r}]", units, minimum=1)
+    if "algo_kwargs" in out:
+        kw = out["algo_kwargs"]
+        if not isinstance(kw, dict) or not all(isinstance(v, dict) for v in kw.values()):
+            raise TypeError(f'algo_kwargs must be a mapping from algorithm to keyword arguments, like '
+                            f'{{"ppo": {{"n_steps": 1024}}}}, got {kw!r}')
+        for algo in kw:
+            check_choice("algo_kwargs (its keys)", algo, ALGORITHMS)
+    return out
+
+
 def load_study_config(source: str | Path | dict[str, Any]) -> StudyConfig:
-    """A :class:`StudyConfig` from a JSON file or a dict; unknown keys are an error."""
+    """A :class:`StudyConfig` from a JSON file or a dict; unknown keys and values of the wrong type or range are
+    errors naming the field."""
     if isinstance(source, dict):
         data = dict(source)
     else:
@@ -74,12 +129,7 @@ def load_study_config(source: str | Path | dict[str, Any]) -> StudyConfig:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown study config key(s) {unknown}; known: {sorted(names)}")
-    for key in ("tasks", "algos", "architectures", "seeds", "num_rotations", "learn_planes"):
-        if key in data:
-            if not isinstance(data[key], (list, tuple)) or not data[key]:
-                raise ValueError(f"{key} must be a non-empty list, got {data[key]!r}")
-            data[key] = tuple(data[key])
-    return StudyConfig(**data)
+    return StudyConfig(**_check_study(data))
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -126,12 +176,80 @@ def expand(study: StudyConfig) -> list[RunConfig]:
     return runs
 
 
-def is_finished(folder: Path) -> bool:
-    """Whether ``folder`` holds a finished run."""
+def _effective(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config without the fields its architecture ignores (K and planes outside KAMA, the critic's structure
+    for the dense baseline)."""
+    arch = config.get("architecture")
+    drop = set() if arch == "kama" else {"num_rotations", "learn_planes"}
+    if arch == "mlp":
+        drop.add("structured_critic")
+    return {k: v for k, v in config.items() if k not in drop}
+
+
+def config_changes(stored: object, cfg: RunConfig) -> list[str]:
+    """The fields in which a run's stored ``config.json`` config differs from ``cfg``, as ``"field: old -> new"``
+    (fields added to :class:`~kama.rl.train.RunConfig` after a run was made count with the value that
+    reproduces the old behaviour)."""
+    old = _effective(stored_config(stored))
+    new = _effective(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _returns_problem(path: Path, total_timesteps: int | None) -> str | None:
     try:
-        return bool(json.loads((folder / "config.json").read_text()).get("finished"))
-    except (OSError, json.JSONDecodeError):
-        return False
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return f"returns.csv cannot be read ({e})"
+    if not rows or not {"timesteps", "mean_return"} <= set(rows[0]):
+        return "returns.csv has no evaluation rows"
+    try:
+        steps = [int(r["timesteps"]) for r in rows]
+        values = [float(r["mean_return"]) for r in rows]
+    except (TypeError, ValueError) as e:
+        return f"returns.csv holds a value that is not a number ({e})"
+    if not all(math.isfinite(v) for v in values):
+        return "returns.csv holds a non-finite return"
+    if steps != sorted(steps) or (total_timesteps is not None and steps[-1] < total_timesteps):
+        return f"returns.csv ends at step {steps[-1]} of {total_timesteps}"
+    return None
+
+
+def run_problem(folder: str | Path, cfg: RunConfig | None = None) -> str | None:
+    """``None`` if ``folder`` holds a finished, intact run (of ``cfg``, when given), else why not (one line).
+
+    Checked: ``config.json`` says finished (and holds ``cfg``), the files' digests recorded at the end of
+    training, ``returns.csv`` parses with finite returns up to the step budget, ``model.zip`` is a valid zip."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return "not started"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"config.json is not valid JSON ({e})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        return "config.json is not a run record"
+    if meta.get("finished") is not True:
+        return "not finished"
+    if cfg is not None and (changes := config_changes(meta["config"], cfg)):
+        return "made with another config (" + "; ".join(changes) + ")"
+    if "outputs" in meta and (bad := check_manifest(folder, meta["outputs"])) is not None:
+        return bad
+    steps = meta["config"].get("total_timesteps")
+    if (bad := _returns_problem(folder / "returns.csv", steps if isinstance(steps, int) else None)) is not None:
+        return bad
+    try:
+        with zipfile.ZipFile(folder / "model.zip") as z:
+            if z.testzip() is not None:
+                return "model.zip is damaged"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"model.zip is missing or not a zip file ({e})"
+    return None
+
+
+def is_finished(folder: str | Path, cfg: RunConfig | None = None) -> bool:
+    """Whether ``folder`` holds a finished, intact run (of ``cfg``, when given); see :func:`run_problem`."""
+    return run_problem(folder, cfg) is None
 
 
 def _run_one(cfg: RunConfig, folder: str) -> str:
@@ -159,7 +277,7 @@ def _run_collect(cfg: RunConfig) -> dict[str, bytes]:
 
 
 def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local", workers: int | None = None,
-              ray_address: str | None = None, progress: bool = True) -> list[Path]:
+              ray_address: str | None = None, progress: bool = True, rerun_changed: bool = False) -> list[Path]:
     """Run every unfinished run of ``study`` under ``out`` and return all run folders.
 
     Args:
@@ -169,23 +287,45 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local", wo
         workers: local worker processes (default: every core).
         ray_address: Ray cluster address (default: ``RAY_ADDRESS``, else a local instance).
         progress: show a progress bar over runs.
+        rerun_changed: retrain finished runs whose stored config differs from the study's (default: refuse,
+            naming them and the differing fields, before any training).
+
+    Raises:
+        ValueError: finished runs of another config (without ``rerun_changed``), or a bad study.
+        kama.records.FolderBusyError: another study process is writing to ``out``.
     """
     backend = check_choice("backend", backend, BACKENDS)
+    check_bool("rerun_changed", rerun_changed)
     runs = expand(study)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(dataclasses.asdict(study), indent=2))
-    folders = {run_id(r): out / run_id(r) for r in runs}
-    todo = [r for r in runs if not is_finished(folders[run_id(r)])]
-    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="kama rl study", unit="run",
-               disable=not progress)
-    try:
-        if backend == "local":
-            _run_local(todo, folders, workers or os.cpu_count() or 1, bar)
-        else:
-            _run_ray(todo, folders, ray_address, bar)
-    finally:
-        bar.close()
+    with FolderLock(out, "kama rl study"):
+        folders = {run_id(r): out / run_id(r) for r in runs}
+        todo, changed = [], []
+        for r in runs:
+            folder = folders[run_id(r)]
+            why = run_problem(folder, r)
+            if why is None:
+                continue
+            if why.startswith("made with another config"):
+                changed.append(f"{run_id(r)}: {why}")
+            elif why not in ("not started", "not finished"):
+                warnings.warn(f"kama: rerunning {folder}: {why}", StaleResultWarning, stacklevel=2)
+            todo.append(r)
+        if changed and not rerun_changed:
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            raise ValueError(f"{len(changed)} finished run(s) in {out} were made with another config; use another "
+                             f"output folder or rerun them (rerun_changed=True, --rerun-changed): "
+                             + " | ".join(changed[:5]) + more)
+        (out / "study.json").write_text(json.dumps(dataclasses.asdict(study), indent=2))
+        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="kama rl study", unit="run",
+                   disable=not progress)
+        try:
+            if backend == "local":
+                _run_local(todo, folders, workers or os.cpu_count() or 1, bar)
+            else:
+                _run_ray(todo, folders, ray_address, bar)
+        finally:
+            bar.close()
     return list(folders.values())
 
 
@@ -213,13 +353,22 @@ def _run_local(todo: Iterable[RunConfig], folders: dict[str, Path], workers: int
             _run_one(r, str(folders[run_id(r)]))
             bar.update(1)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(_run_one, r, str(folders[run_id(r)])): r for r in todo}
         for fut in as_completed(futures):
             fut.result()
             bar.set_postfix_str(run_id(futures[fut]))
             bar.update(1)
+    except BaseException:
+        # Interrupted (SIGINT to this process alone) or a run failed: queued runs are dropped and running ones
+        # stopped; their folders stay unfinished, and a rerun restarts them.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _run_ray(todo: Iterable[RunConfig], folders: dict[str, Path], address: str | None, bar: Any) -> None:

@@ -4,6 +4,7 @@ time (CSV), the config with seed and git commit beside them, and the trained mod
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,11 @@ import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
-from .._checks import check_choice, check_int
-from ..experiments.base import atomic_write_text, provenance, write_csv
+from .._checks import check_bool, check_choice, check_int, check_real
+from ..records import atomic_write_text, file_manifest, provenance, write_csv
 from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
-__all__ = ["RunConfig", "ALGORITHMS", "validate", "make_model", "evaluate", "train"]
+__all__ = ["RunConfig", "ALGORITHMS", "validate", "make_model", "evaluate", "train", "stored_config", "LEGACY_VALUES"]
 
 ALGORITHMS: tuple[str, ...] = ("ppo", "trpo")
 
@@ -58,18 +59,77 @@ class RunConfig:
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+LEGACY_VALUES: dict[str, Any] = {}
+"""Fields added to :class:`RunConfig` after runs were stored, with the value that reproduces a run made before the
+field existed (used when a stored ``config.json`` is compared with a config)."""
+
+
+def stored_config(stored: object) -> dict[str, Any]:
+    """A stored run config (``config.json``'s ``"config"``) completed with :data:`LEGACY_VALUES` for missing fields."""
+    if not isinstance(stored, dict):
+        return {}
+    return {**LEGACY_VALUES, **stored}
+
+
+# Keyword arguments of PPO / TRPO whose value the run config owns, and numeric ones checked before training:
+# (kind, lower bound, lower bound excluded, upper bound).
+_OWNED = ("policy", "env", "seed", "device", "policy_kwargs", "_init_setup_model")
+_NUMERIC: dict[str, tuple[type, float, bool, float | None]] = {
+    "n_steps": (int, 2, False, None), "batch_size": (int, 2, False, None), "n_epochs": (int, 1, False, None),
+    "n_critic_updates": (int, 1, False, None), "cg_max_steps": (int, 1, False, None),
+    "line_search_max_iter": (int, 1, False, None), "learning_rate": (float, 0.0, True, None),
+    "gamma": (float, 0.0, True, 1.0), "gae_lambda": (float, 0.0, False, 1.0), "clip_range": (float, 0.0, True, None),
+    "ent_coef": (float, 0.0, False, None), "vf_coef": (float, 0.0, False, None),
+    "max_grad_norm": (float, 0.0, True, None), "target_kl": (float, 0.0, True, None),
+    "cg_damping": (float, 0.0, False, None), "line_search_shrinking_factor": (float, 0.0, True, 1.0),
+}
+
+
+def _algo_class(algo: str) -> Any:
+    if algo == "ppo":
+        return PPO
+    from sb3_contrib import TRPO
+
+    return TRPO
+
+
+def _check_algo_kwargs(algo: str, kwargs: object) -> None:
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"algo_kwargs must be a dict of {algo.upper()} keyword arguments, got "
+                        f"{type(kwargs).__name__} ({kwargs!r})")
+    cls = _algo_class(algo)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    for key, value in kwargs.items():
+        if key in _OWNED:
+            raise ValueError(f"algo_kwargs cannot set {key!r}: the run config owns it")
+        if key not in accepted:
+            raise ValueError(f"algo_kwargs: {cls.__name__} takes no argument {key!r}; it takes {sorted(accepted)}")
+        if key in _NUMERIC and not (key == "target_kl" and value is None):
+            kind, low, strict, high = _NUMERIC[key]
+            name = f"algo_kwargs[{key!r}]"
+            if kind is int:
+                check_int(name, value, minimum=int(low))
+            else:
+                check_real(name, value, minimum=low, strict_minimum=strict, maximum=high)
+
+
 def validate(cfg: RunConfig) -> None:
-    """Typed errors for a bad config, raised before any environment step."""
+    """Typed errors naming the field for a bad config, raised before any environment step."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
     check_choice("algo", cfg.algo, ALGORITHMS)
     check_choice("architecture", cfg.architecture, ARCHITECTURES)
     check_int("hidden", cfg.hidden, minimum=1)
     check_int("num_rotations", cfg.num_rotations, minimum=1)
+    check_bool("structured_critic", cfg.structured_critic)
+    check_bool("learn_planes", cfg.learn_planes)
     check_int("total_timesteps", cfg.total_timesteps, minimum=1)
     check_int("eval_every", cfg.eval_every, minimum=1)
     check_int("eval_episodes", cfg.eval_episodes, minimum=1)
     check_int("seed", cfg.seed, minimum=0)
-    if not isinstance(cfg.algo_kwargs, dict):
-        raise TypeError(f"algo_kwargs must be a dict, got {type(cfg.algo_kwargs).__name__}")
+    _check_algo_kwargs(cfg.algo, cfg.algo_kwargs)
+    if not isinstance(cfg.env_id, str):
+        raise TypeError(f"env_id must be a gymnasium id (a str), got {type(cfg.env_id).__name__} ({cfg.env_id!r})")
     check_env(cfg.env_id)
 
 
@@ -78,14 +138,12 @@ def make_model(cfg: RunConfig, env: gym.Env | str | None = None) -> Any:
     validate(cfg)
     policy_kwargs = {"architecture": cfg.architecture, "hidden": cfg.hidden, "num_rotations": cfg.num_rotations,
                      "structured_critic": cfg.structured_critic, "learn_planes": cfg.learn_planes}
-    if cfg.algo == "ppo":
-        algo_cls: Any = PPO
-    else:
-        from sb3_contrib import TRPO
-
-        algo_cls = TRPO
-    return algo_cls(KamaActorCriticPolicy, env if env is not None else cfg.env_id, policy_kwargs=policy_kwargs,
-                    seed=cfg.seed, device="cpu", **cfg.algo_kwargs)
+    algo_cls = _algo_class(cfg.algo)
+    try:
+        return algo_cls(KamaActorCriticPolicy, env if env is not None else cfg.env_id, policy_kwargs=policy_kwargs,
+                        seed=cfg.seed, device="cpu", **cfg.algo_kwargs)
+    except AssertionError as e:  # SB3 checks some argument combinations with assert
+        raise ValueError(f"algo_kwargs {cfg.algo_kwargs} rejected by {algo_cls.__name__}: {e}") from None
 
 
 def evaluate(model: Any, env_id: str, episodes: int, seed: int) -> list[float]:
@@ -150,6 +208,7 @@ def train(cfg: RunConfig, out_dir: str | Path) -> Path:
     if not rows or rows[-1]["timesteps"] != model.num_timesteps:
         callback.record()
     model.save(out / "model.zip")
+    meta.update(outputs=file_manifest(out, ["returns.csv", "model.zip"]))
     meta.update(finished=True, seconds=time.perf_counter() - t0, steps_per_second=cfg.total_timesteps / (
         time.perf_counter() - t0))
     atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
