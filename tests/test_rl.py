@@ -238,3 +238,53 @@ def test_fast_actor_rejects_unknown_modules():
 
     with pytest.raises(TypeError, match="unsupported module Softmax"):
         FastActor([torch.nn.Linear(3, 3), torch.nn.Softmax(dim=-1)])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+def test_normalized_runs_save_their_statistics_and_act_identically_after_load(tmp_path, algo):
+    from kama.rl.train import load_run
+
+    cfg = RunConfig(algo=algo, hidden=8, num_rotations=10, normalize=True, angle_gain="dense",
+                    plane_sampler="live", total_timesteps=512, eval_every=256, eval_episodes=1,
+                    algo_kwargs={"n_steps": 256, "batch_size": 64} if algo == "ppo" else {"n_steps": 256})
+    out = train(cfg, tmp_path / "run")
+    meta = json.loads((out / "config.json").read_text())
+    assert "vecnormalize.pkl" in meta["outputs"] and meta["config"]["normalize"] is True
+    model, norm = load_run(out)
+    assert norm is not None and not norm.training and not norm.norm_reward
+    assert model.policy.action_net.angle_gain > 1 and int(model.policy.action_net.dead_rotations().sum()) == 0
+    obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    trained = make_model(cfg)
+    trained.set_parameters(str(out / "model.zip"))
+    a1, _ = model.predict(norm.normalize_obs(obs), deterministic=True)
+    a2, _ = trained.predict(norm.normalize_obs(obs), deterministic=True)
+    np.testing.assert_array_equal(a1, a2)
+    assert norm.obs_rms.count > 256  # the statistics of the training run, not a fresh normalizer
+    rets = evaluate(model, cfg.env_id, 2, 7, norm)
+    assert rets == evaluate(model, cfg.env_id, 2, 7, norm)
+    updates = (out / "updates.csv").read_text().splitlines()
+    assert len(updates) >= 2 and updates[0].startswith("timesteps,")
+    if algo == "ppo":
+        assert "approx_kl" in updates[0] and "clip_fraction" in updates[0]
+
+
+def test_policy_passes_the_kama_options_to_every_layer():
+    m = model("ppo", "kama", angle_gain="dense", plane_sampler="live", structured_critic=True)
+    layers = [mod for mod in m.policy.modules() if isinstance(mod, KamaLinear)]
+    assert len(layers) == 6 and all(layer.plane_sampler == "live" and layer.angle_gain > 1 for layer in layers)
+    assert m.policy.action_net.angle_gain > 50  # the head starts at SB3's gain 0.01
+    paper = model("ppo", "kama")
+    assert all(mod.angle_gain == 1.0 for mod in paper.policy.modules() if isinstance(mod, KamaLinear))
+    with pytest.raises(ValueError, match="net_arch is not used"):
+        model("ppo", "kama", net_arch=[8])
+
+
+@pytest.mark.parametrize("change, err, match", [
+    ({"angle_gain": "fast"}, ValueError, "angle_gain must be one of"),
+    ({"angle_gain": -2.0}, ValueError, "angle_gain must be > 0"),
+    ({"plane_sampler": "uniform"}, ValueError, "plane_sampler must be one of"),
+    ({"normalize": "yes"}, TypeError, "normalize must be true or false"),
+])
+def test_bad_adaptive_run_options(change, err, match):
+    with pytest.raises(err, match=match):
+        validate(RunConfig(**change))

@@ -40,7 +40,9 @@ def test_expand_and_run_ids():
     ({"architectures": ["lowrank"]}, "architectures must be one of"),
     ({"num_rotations": [0]}, "num_rotations must be >= 1"),
     ({"tasks": ["NoSuchEnv-v0"]}, "not a registered gymnasium environment"),
-    ({"seeds": [0, 0]}, "twice"),
+    ({"seeds": [0, 0]}, "seeds must not repeat a value"),
+    ({"angle_gain": [1.0, "fast"]}, "angle_gain must be one of"),
+    ({"plane_sampler": ["uniform"]}, "plane_sampler must be one of"),
 ])
 def test_bad_study_configs_fail_before_training(data, match):
     with pytest.raises(ValueError, match=match):

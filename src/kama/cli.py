@@ -24,6 +24,14 @@ def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _gain(text: str) -> float | str:
+    """``--angle-gain``: a rule name (``dense``) or a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kama", description="KAMA-NNs: reproduce the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rotations", type=int, default=200, help="Givens rotations per layer K (paper: 200 / 100)")
     tr.add_argument("--structured-critic", action="store_true", help="structure the critic too (default: dense)")
     tr.add_argument("--learn-planes", action="store_true", help="learn the rotation planes (section 6.3)")
+    tr.add_argument("--angle-gain", default="1.0", type=_gain,
+                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's")
+    tr.add_argument("--plane-sampler", default="iid", help="KAMA planes: iid (the paper's) or live (no dead rotation)")
+    tr.add_argument("--normalize", action="store_true",
+                    help="VecNormalize observations and rewards (as OpenAI baselines' MuJoCo runs)")
     tr.add_argument("--steps", type=int, default=100_000, help="environment steps")
     tr.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
     tr.add_argument("--eval-episodes", type=int, default=5)
@@ -187,7 +200,9 @@ def _rl(args: argparse.Namespace) -> int:
         algo_kwargs = json.loads(args.algo_kwargs)
         cfg = RunConfig(env_id=args.env, algo=args.algo, architecture=args.policy, hidden=args.hidden,
                         num_rotations=args.rotations, structured_critic=args.structured_critic,
-                        learn_planes=args.learn_planes, total_timesteps=args.steps, eval_every=args.eval_every,
+                        learn_planes=args.learn_planes, angle_gain=args.angle_gain,
+                        plane_sampler=args.plane_sampler, normalize=args.normalize,
+                        total_timesteps=args.steps, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed, algo_kwargs=algo_kwargs)
         out = args.out or f"results/rl/{args.env}-{args.algo}-{args.policy}-s{args.seed}"
         train(cfg, out)

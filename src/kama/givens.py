@@ -76,6 +76,9 @@ __all__ = [
     "givens_matrix",
     "random_pairs",
     "random_matching_pairs",
+    "random_live_pairs",
+    "dead_rotations",
+    "angle_sensitivities",
     "random_angles",
     "asap_layers",
     "default_num_rotations",
@@ -192,6 +195,115 @@ def random_matching_pairs(
     if not blocks:
         return torch.empty(0, 2, dtype=torch.long, device=device)
     return torch.cat(blocks)[:k].to(device)
+
+
+def _live_range(name: str, value: int | None, d: int) -> int:
+    if value is None:
+        return d
+    value = check_int(name, value, minimum=1)
+    if value > d:
+        raise ValueError(f"{name} must be <= d={d}, got {value}")
+    return value
+
+
+def dead_rotations(pairs: torch.Tensor | GivensPlan, d: int, *, inputs: int | None = None,
+                   outputs: int | None = None) -> torch.Tensor:
+    r"""Which rotations of a truncated product can never act: a boolean mask ``(k,)``.
+
+    The product :math:`M = G_1 \cdots G_k` acts on vectors whose coordinates ``inputs..d-1`` are zero (a widening
+    layer's zero padding), and only its outputs ``0..outputs-1`` are kept (a narrowing layer's truncation).
+    Rotation ``r`` is *dead* when neither of its coordinates can carry input yet (all of ``G_{r+1}, ..., G_k``,
+    which act before it, left both at zero) or neither can still reach a kept output through
+    ``G_{r-1}, ..., G_1``. A dead rotation does nothing, whatever the angles: its angle's gradient is exactly
+    zero. In a square (untruncated) product no rotation is dead.
+
+    Args:
+        pairs: ``(k, 2)`` pairs or a :class:`GivensPlan` on dimension ``d``.
+        d: the dimension of the product.
+        inputs: number of leading coordinates that carry input (default ``d``).
+        outputs: number of leading outputs that are kept (default ``d``).
+
+    Example:
+        >>> dead_rotations(torch.tensor([[2, 3], [0, 2], [1, 3]]), 4, inputs=2).tolist()
+        [False, False, False]
+        >>> dead_rotations(torch.tensor([[0, 1], [2, 3]]), 4, inputs=2).tolist()
+        [False, True]
+    """
+    plan = as_plan(pairs, d)
+    inputs = _live_range("inputs", inputs, d)
+    outputs = _live_range("outputs", outputs, d)
+    rows = plan._pairs.tolist()
+    dead = [False] * len(rows)
+    if inputs < d:  # in application order: G_k acts first
+        carries = [c < inputs for c in range(d)]
+        for r in range(len(rows) - 1, -1, -1):
+            i, j = rows[r]
+            if carries[i] or carries[j]:
+                carries[i] = carries[j] = True
+            else:
+                dead[r] = True
+    if outputs < d:  # from the output back: G_1 acts last
+        reaches = [c < outputs for c in range(d)]
+        for r, (i, j) in enumerate(rows):
+            if reaches[i] or reaches[j]:
+                reaches[i] = reaches[j] = True
+            else:
+                dead[r] = True
+    return torch.tensor(dead, dtype=torch.bool)
+
+
+def random_live_pairs(
+    d: int, k: int, *, inputs: int | None = None, outputs: int | None = None,
+    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+) -> torch.Tensor:
+    r"""Sample ``k`` pairs like :func:`random_pairs` (Kac's walk), but with no dead rotation for a product that
+    is truncated on one side (see :func:`dead_rotations`).
+
+    Rotations are drawn one at a time from the side that is truncated, each from the uniform distribution over
+    ordered pairs ``i != j`` conditioned on touching the live set so far (by rejection), which then grows by the
+    pair: with ``inputs < d`` (a widening layer) from ``G_k``, the first to act, to ``G_1``; with ``outputs < d``
+    (a narrowing layer) from ``G_1``, the last to act, to ``G_k``. Untruncated (``inputs = outputs = d``) it is
+    exactly :func:`random_pairs`. A :class:`kama.KamaLinear` is truncated on one side only; both at once are
+    not supported.
+
+    Shape:
+        Output: ``(k, 2)``, ``torch.int64``.
+
+    Example:
+        >>> p = random_live_pairs(64, 200, outputs=3, generator=torch.Generator().manual_seed(0))
+        >>> int(dead_rotations(p, 64, outputs=3).sum())
+        0
+    """
+    d = check_int("d", d, minimum=1)
+    k = check_int("k", k, minimum=0)
+    inputs = _live_range("inputs", inputs, d)
+    outputs = _live_range("outputs", outputs, d)
+    generator = _cpu_generator(generator)
+    if inputs < d and outputs < d:
+        raise ValueError(f"random_live_pairs samples products truncated on one side: inputs={inputs} and "
+                         f"outputs={outputs} are both < d={d}")
+    if inputs == d and outputs == d:
+        return random_pairs(d, k, generator=generator, device=device)
+    if k > 0 and d < 2:
+        raise ValueError(f"d must be >= 2 to sample k={k} rotation pairs, got d={d}")
+    live = [c < min(inputs, outputs) for c in range(d)]
+    count = min(inputs, outputs)
+    out: list[tuple[int, int]] = []
+    pool: list[tuple[int, int]] = []
+    while len(out) < k:
+        if not pool:  # candidates in blocks (i.i.d. uniform pairs), consumed in order
+            pool = [tuple(p) for p in random_pairs(d, max(64, 2 * (k - len(out))), generator=generator).tolist()]
+            pool.reverse()
+        i, j = pool.pop()
+        if live[i] or live[j]:
+            out.append((i, j))
+            if count < d:
+                count += (not live[i]) + (not live[j])
+                live[i] = live[j] = True
+    pairs = torch.tensor(out, dtype=torch.long).view(-1, 2)
+    if inputs < d:  # drawn from the first rotation to act (G_k) on: reverse into product order
+        pairs = pairs.flip(0)
+    return pairs.to(device)
 
 
 def random_angles(
@@ -1021,6 +1133,59 @@ def givens_matrix(
     transpose = check_bool("transpose", transpose)
     eye = torch.eye(d, dtype=angles.dtype, device=angles.device)
     return givens_apply(eye, pairs, angles, transpose=not transpose, backend="reference")
+
+
+def angle_sensitivities(pairs: torch.Tensor | GivensPlan, angles: torch.Tensor, d: int, *, inputs: int | None = None,
+                        outputs: int | None = None) -> torch.Tensor:
+    r"""Per rotation, the squared Frobenius norm of the truncated product's derivative by its angle.
+
+    With :math:`M = G_1 \cdots G_k` and the kept block :math:`W = M_{[:o, :i]}` (``o = outputs`` rows, ``i = inputs``
+    columns), returns :math:`\lVert \partial W / \partial t_r \rVert_F^2` for every ``r``. Writing
+    :math:`\partial M / \partial t_r = L_r J_r R_r` with :math:`L_r = G_1 \cdots G_r`,
+    :math:`R_r = G_{r+1} \cdots G_k` and :math:`J_r = e_j e_i^\top - e_i e_j^\top`, it is
+    :math:`|a_j|^2 |u_i|^2 + |a_i|^2 |u_j|^2 - 2 (a_i \cdot a_j)(u_i \cdot u_j)`
+    with :math:`a` the columns of :math:`(L_r)_{[:o, :]}` and :math:`u` the rows of :math:`(R_r)_{[:, :i]}`; both
+    are carried through the plan's layers in one walk (``O(k (o + i))``). Dead rotations
+    (:func:`dead_rotations`) give exactly 0; in a square product every entry is 2.
+
+    Shape:
+        angles: ``(k,)``; output: ``(k,)`` float64.
+
+    Example:
+        >>> angle_sensitivities(torch.tensor([[0, 1]]), torch.tensor([0.3]), 3)
+        tensor([2.], dtype=torch.float64)
+    """
+    angles = check_float_tensor("angles", angles)
+    plan = as_plan(pairs, d)
+    inputs = _live_range("inputs", inputs, d)
+    outputs = _live_range("outputs", outputs, d)
+    if angles.shape != (plan.num_rotations,):
+        raise ValueError(f"angles must have shape ({plan.num_rotations},), got {tuple(angles.shape)}")
+    with torch.no_grad():
+        a64 = angles.detach().to("cpu", torch.float64)
+        m = givens_matrix(plan, a64, d)
+        # rows = coordinates: A^T = (P L_r)^T (o columns) beside U = (R_r Q) (i columns); both are multiplied by
+        # G_r from the left as r goes from k down to 1 (the order in which rotations act on a vector)
+        state = torch.cat([m[:outputs, :].t(), torch.eye(d, dtype=torch.float64)[:, :inputs]], dim=1)
+        c, s = _coefficients(plan, a64, torch.float64, False)
+        index, off = plan.index, plan.offsets
+        out = torch.zeros(plan.num_rotations, dtype=torch.float64)
+        perm = plan.perm
+        for layer in _layer_order(plan, False):
+            lo, hi = 2 * off[layer], 2 * off[layer + 1]
+            mm = off[layer + 1] - off[layer]
+            idx = index[lo:hi]
+            rows = state.index_select(0, idx)
+            ai, aj = rows[:mm, :outputs], rows[mm:, :outputs]
+            ui, uj = rows[:mm, outputs:], rows[mm:, outputs:]
+            val = (aj.square().sum(1) * ui.square().sum(1) + ai.square().sum(1) * uj.square().sum(1)
+                   - 2 * (ai * aj).sum(1) * (ui * uj).sum(1))
+            out[perm[off[layer]:off[layer + 1]]] = val.clamp_min(0.0)
+            new = torch.addcmul(rows * c[lo:hi, None], rows.roll(mm, 0), s[lo:hi, None])
+            state.index_copy_(0, idx, new)
+        # P L_r is carried by undoing rotations, so a dead rotation's columns are zero only up to rounding
+        out[dead_rotations(plan, d, inputs=inputs, outputs=outputs)] = 0.0
+    return out
 
 
 def plane_scores(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import givens as _givens
-from ._checks import FLOAT_DTYPES, check_int
+from ._checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from .givens import (
     GivensPlan,
     _as,
@@ -28,17 +28,59 @@ from .givens import (
     _layered_matrix,
     _throughputs,
     _tile_width,
+    angle_sensitivities,
     as_plan,
     choose_backend,
     cpu_kernel_available,
+    dead_rotations,
     default_num_rotations,
     givens_apply,
     plane_scores,
     random_angles,
+    random_live_pairs,
     random_pairs,
 )
 
-__all__ = ["KamaLinear", "ToeplitzLinear"]
+__all__ = ["KamaLinear", "ToeplitzLinear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS"]
+
+ANGLE_GAINS: tuple[str, ...] = ("dense",)
+"""Named rules for ``KamaLinear(angle_gain=...)`` (a positive float is accepted too)."""
+
+PLANE_SAMPLERS: tuple[str, ...] = ("iid", "live")
+"""Values of ``KamaLinear(plane_sampler=...)``."""
+
+
+def dense_step_gain(pairs: torch.Tensor, angles: torch.Tensor, in_features: int, out_features: int,
+                    scale: float) -> float:
+    r"""The angle gain ``g`` with which one unit step of every parameter of a :class:`KamaLinear` moves its weight
+    as far as one step of every weight moves a dense layer of the same shape (Frobenius norm, steps of random
+    signs, as Adam's first steps are):
+
+    .. math::
+        g^2\, s^2 \sum_r \lVert \partial M_{\mathrm{kept}} / \partial t_r \rVert_F^2 + \min(d_1, d_2)
+        = d_1 d_2,
+
+    where the ``min(d1, d2)`` scalars (each moving a unit-norm row or column of the kept block) contribute
+    their part and the angles the rest. 1 when the layer has no live rotation.
+
+    Args:
+        pairs, angles: the planes and initial angles (radians) of the ``n x n`` product, ``n = max(d1, d2)``.
+        in_features, out_features: ``d2``, ``d1``.
+        scale: the initial value of every scalar.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> p = random_pairs(64, 200, generator=g)
+        >>> round(dense_step_gain(p, random_angles(200, generator=g, dtype=torch.float64), 64, 64, 1.0), 2)
+        3.17
+    """
+    n = max(in_features, out_features)
+    sens = float(angle_sensitivities(pairs, angles.to(torch.float64), n, inputs=in_features,
+                                     outputs=out_features).sum())
+    budget = in_features * out_features - min(in_features, out_features)
+    if sens <= 0.0 or budget <= 0 or scale == 0.0:
+        return 1.0
+    return math.sqrt(budget / (scale * scale * sens))
 
 
 def _check_dtype(dtype: object) -> torch.dtype | None:
@@ -96,6 +138,29 @@ class KamaLinear(nn.Module):
     ``M`` every output then has :math:`E[y_i^2] = \lVert x \rVert^2 / (3 d_2)` (plus the bias), the same second
     moment as ``nn.Linear``'s default (Kaiming-uniform with ``a = sqrt(5)``).
 
+    Step size (``angle_gain``). The rotation angles are :math:`t = g\,\theta` with :math:`\theta` the ``angles``
+    parameter and ``g`` a constant of the layer (:attr:`angle_gain`). Under Adam-type optimizers every parameter
+    moves by about the learning rate per step, so an angle's step changes ``W`` by about
+    :math:`g\,\mathrm{lr}\,\lVert \partial W / \partial t_r\rVert`, which is proportional to the scalars ``s``:
+    with ``g = 1`` (the paper's parametrization) a layer whose scalars start small (a policy head at SB3's gain
+    0.01) barely moves its angles. ``angle_gain="dense"`` sets ``g`` at initialization so that one step of
+    every parameter moves ``W`` as far (in Frobenius norm, for unit steps of random signs) as it moves a dense
+    ``nn.Linear`` of the same shape, whose ``d_1 d_2`` weights each step by the learning rate:
+
+    .. math::
+        g^2 \sum_r \lVert \partial W / \partial t_r \rVert_F^2 + \min(d_1, d_2) = d_1 d_2,
+
+    computed exactly from the planes and the initial scalars (:func:`kama.givens.angle_sensitivities`). It also
+    lifts the angles' gradients by ``g`` above Adam's ``eps``. The parametrization lives in the layer, so it holds
+    under any optimizer and survives schedulers that reset learning rates (SB3 does). A float sets ``g``
+    directly; ``angle_gain=1.0`` is the paper's parametrization.
+
+    Planes (``plane_sampler``). In a truncated layer, i.i.d. planes (``"iid"``, the paper's Kac walk) leave some
+    rotations *dead*: neither coordinate carries input yet, or neither reaches a kept output, so the rotation
+    never acts and its gradient is exactly zero (:meth:`dead_rotations`; a third of a 64 -> 3 head's 200).
+    ``"live"`` draws the same walk conditioned on every rotation being live
+    (:func:`kama.givens.random_live_pairs`); both are identical for square layers.
+
     Learned planes (``learn_planes=True``, the paper's section 6.3): angles start at 0 (``M = I``, as
     Algorithm 1 starts from ``M0 = I``) and the coordinate planes are re-selected during training by the
     Riemannian gradient. Every ``plane_update_every`` training forward passes, the backward pass scores
@@ -114,6 +179,11 @@ class KamaLinear(nn.Module):
         num_rotations: ``k``; default :func:`kama.default_num_rotations` ``(n) = ceil(n ln n)``.
         learn_angles: angles are a parameter (else a fixed random buffer).
         learn_planes: re-select planes during training (see above).
+        angle_gain: ``"dense"`` (a dense layer's step size, see above) or a positive float; ``1.0`` is the
+            paper's parametrization. Fixed-angle layers (``learn_angles=False``) always use 1.
+        plane_sampler: ``"iid"`` (the paper's i.i.d. planes) or ``"live"`` (no dead rotation, see above).
+        init_scale: initial value of every renormalization scalar (default :math:`\sqrt{n / (3 d_2)}`, the
+            second moment of ``nn.Linear``'s default); ``angle_gain="dense"`` is computed for it.
         plane_update_every, plane_candidates, plane_tol: the plane re-selection schedule.
         device, dtype: factory arguments, as in ``nn.Linear``.
         generator: CPU ``torch.Generator`` for the initialization (planes, angles, bias) and the candidate
@@ -125,7 +195,9 @@ class KamaLinear(nn.Module):
 
     Attributes:
         pairs: ``(k, 2)`` ``int64`` buffer of coordinate planes.
-        angles: ``(k,)`` rotation angles.
+        angles: ``(k,)`` angle parameters; the rotation angles in radians are ``angle_gain * angles``
+            (:meth:`rotation_angles`).
+        angle_gain: the float ``g`` (saved in the ``state_dict``; checkpoints without it load with 1).
         scale: ``(min(in_features, out_features),)`` renormalization scalars.
         bias: ``(out_features,)`` or ``None``.
 
@@ -149,6 +221,9 @@ class KamaLinear(nn.Module):
         num_rotations: int | None = None,
         learn_angles: bool = True,
         learn_planes: bool = False,
+        angle_gain: float | str = 1.0,
+        plane_sampler: str = "iid",
+        init_scale: float | None = None,
         plane_update_every: int = 50,
         plane_candidates: int = 16,
         plane_tol: float = 0.05,
@@ -172,6 +247,16 @@ class KamaLinear(nn.Module):
         self.learn_planes = bool(learn_planes)
         if self.learn_planes and not self.learn_angles:
             raise ValueError("learn_planes=True requires learn_angles=True, got learn_angles=False")
+        if isinstance(angle_gain, str):
+            self._angle_gain_rule = check_choice("angle_gain", angle_gain, ANGLE_GAINS)
+        else:
+            check_real("angle_gain", angle_gain, minimum=0.0, strict_minimum=True)
+            self._angle_gain_rule = float(angle_gain)
+        self.plane_sampler = check_choice("plane_sampler", plane_sampler, PLANE_SAMPLERS)
+        if init_scale is not None:
+            init_scale = check_real("init_scale", init_scale)
+        self.init_scale = init_scale
+        self.angle_gain = 1.0
         self.plane_update_every = check_int("plane_update_every", plane_update_every, minimum=1)
         self.plane_candidates = check_int("plane_candidates", plane_candidates, minimum=1)
         if not (isinstance(plane_tol, (int, float)) and 0.0 <= float(plane_tol) <= 1.0):
@@ -200,17 +285,55 @@ class KamaLinear(nn.Module):
         """Redraw planes and angles, reset the scalars and redraw the bias (see the class docstring)."""
         k, n = self.num_rotations, self.n
         with torch.no_grad():
-            self.pairs.copy_(random_pairs(n, k, generator=generator))
-            if self.learn_planes:
-                self.angles.zero_()
+            if self.plane_sampler == "live":
+                pairs = random_live_pairs(n, k, inputs=self.in_features, outputs=self.out_features,
+                                          generator=generator)
             else:
-                self.angles.copy_(random_angles(k, generator=generator, dtype=torch.float64))
-            self.scale.fill_(math.sqrt(n / (3.0 * self.in_features)))
+                pairs = random_pairs(n, k, generator=generator)
+            self.pairs.copy_(pairs)
+            angles = torch.zeros(k, dtype=torch.float64) if self.learn_planes else \
+                random_angles(k, generator=generator, dtype=torch.float64)
+            scale = self.init_scale if self.init_scale is not None else math.sqrt(n / (3.0 * self.in_features))
+            self.angle_gain = self._initial_gain(pairs, angles, scale)
+            self.angles.copy_(angles / self.angle_gain)
+            self.scale.fill_(scale)
             if self.bias is not None:
                 self.bias.copy_(_uniform((self.out_features,), 1.0 / math.sqrt(self.in_features), generator))
         self._pending_planes = None
         if self.learn_planes:  # seed of the candidate planes drawn during training
             self._plane_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def _initial_gain(self, pairs: torch.Tensor, angles: torch.Tensor, scale: float) -> float:
+        """``angle_gain`` for the initial planes, angles and scalars (see the class docstring)."""
+        if not self.learn_angles:
+            return 1.0
+        if self._angle_gain_rule != "dense":
+            return float(self._angle_gain_rule)
+        return dense_step_gain(pairs, angles, self.in_features, self.out_features, scale)
+
+    def rotation_angles(self) -> torch.Tensor:
+        """The rotation angles in radians, ``angle_gain * angles`` (differentiable): ``givens_apply`` of the
+        padded input with ``pairs`` and these angles is the layer before truncation and scalars."""
+        return self.angles if self.angle_gain == 1.0 else self.angles * self.angle_gain
+
+    def dead_rotations(self) -> torch.Tensor:
+        """Boolean mask ``(k,)`` of the rotations that can never act in this truncated layer (their angles'
+        gradients are exactly zero; see :func:`kama.givens.dead_rotations`). All ``False`` for square layers and
+        for ``plane_sampler="live"`` (until learned planes move)."""
+        return dead_rotations(self._plan(), self.n, inputs=self.in_features, outputs=self.out_features)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "angle_gain"] = torch.tensor(self.angle_gain, dtype=torch.float64)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        gain = state_dict.get(prefix + "angle_gain")
+        # checkpoints written before angle_gain existed hold rotation angles in radians: gain 1
+        self.angle_gain = float(gain) if gain is not None else 1.0
+        rest = {k: v for k, v in state_dict.items() if k != prefix + "angle_gain"}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------------------------------------------
     def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,12 +372,12 @@ class KamaLinear(nn.Module):
             # One autograd node (one C pass) for pad, rotations, truncation, scalars and bias: RL-size layers are
             # dominated by per-op overhead.
             if x.dim() == 2:
-                return _KamaLinearFunction.apply(x, angles, scale, bias, plan, self.out_features)
+                return _KamaLinearFunction.apply(x, angles, scale, bias, plan, self.out_features, self.angle_gain)
             y = _KamaLinearFunction.apply(x.reshape(-1, self.in_features), angles, scale, bias, plan,
-                                          self.out_features)
+                                          self.out_features, self.angle_gain)
             return y.reshape(*x.shape[:-1], self.out_features)
         xp = self._pad_input(x)
-        y = givens_apply(xp, plan, self.angles)
+        y = givens_apply(xp, plan, self.rotation_angles())
         if record and y.requires_grad:
             xd = xp.detach()
             y.register_hook(lambda g: self._propose_planes(xd, g))
@@ -330,7 +453,7 @@ class KamaLinear(nn.Module):
         if self.angles.is_meta:
             return self.angles.new_empty(self.out_features, self.in_features)
         eye = torch.eye(self.n, dtype=self.angles.dtype, device=self.angles.device)
-        m = givens_apply(eye, self._plan(), self.angles, transpose=True, backend=backend)
+        m = givens_apply(eye, self._plan(), self.rotation_angles(), transpose=True, backend=backend)
         return _weight_from_matrix(m, self.scale, self.in_features, self.out_features)
 
     @property
@@ -350,6 +473,10 @@ class KamaLinear(nn.Module):
         )
         if not self.learn_angles:
             s += ", learn_angles=False"
+        if self.angle_gain != 1.0:
+            s += f", angle_gain={self.angle_gain:.4g}"
+        if self.plane_sampler != "iid":
+            s += f", plane_sampler={self.plane_sampler!r}"
         if self.learn_planes:
             s += f", learn_planes=True, plane_update_every={self.plane_update_every}"
         return s
@@ -363,10 +490,10 @@ class KamaLinear(nn.Module):
     def _choose_planes(self, xp: torch.Tensor, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cand = self._candidate_planes().to(xp.device)
         scores, current = plane_scores(xp.reshape(-1, self.n), grad_y.reshape(-1, self.n), self.pairs,
-                                       self.angles.detach(), cand)
+                                       self.rotation_angles().detach(), cand)
         best = scores.abs().argmax(dim=1)
         best_score = scores.abs().gather(1, best[:, None])[:, 0]
-        idle = torch.sin(self.angles.detach().to(scores.dtype) / 2).abs() <= self.plane_tol
+        idle = torch.sin(self.rotation_angles().detach().to(scores.dtype) / 2).abs() <= self.plane_tol
         gain = torch.where(idle & (best_score > current.abs()), best_score - current.abs(), -1.0)
         # Greedy, as Algorithm 1: move only the rotations with the largest gains (at most plane_max_moves).
         top = torch.topk(gain, min(self.plane_max_moves, gain.numel())).indices
@@ -435,12 +562,13 @@ class _KamaLinearFunction(torch.autograd.Function):
     with differentiable operations and differentiates that, so higher derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, x, angles, scale, bias, plan, out_features):  # type: ignore[override]
-        ctx.plan, ctx.out_features = plan, out_features
+    def forward(ctx, x, angles, scale, bias, plan, out_features, gain=1.0):  # type: ignore[override]
+        ctx.plan, ctx.out_features, ctx.gain = plan, out_features, gain
+        rot = angles if gain == 1.0 else angles.detach() * gain  # the rotation angles
         ctx.fused = x.dtype in (torch.float32, torch.float64) and _FUSED_KERNEL
         if ctx.fused:  # pad, scale, rotate, truncate and bias in one C pass (cos/sin computed there too)
             dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            xc, a, sc = _as(x, dt), _as(angles, dt), _as(scale, dt)  # read through data_ptr only
+            xc, a, sc = _as(x, dt), _as(rot, dt), _as(scale, dt)  # read through data_ptr only
             b = _as(bias, dt) if bias is not None else None
             out = torch.empty(n_rows, out_features, dtype=dt)
             # the rotated state is an intermediate (not an input or output): a plain attribute, no SavedVariable
@@ -452,8 +580,8 @@ class _KamaLinearFunction(torch.autograd.Function):
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             ctx.save_for_backward(xc, angles, scale, bias)
             return out
-        coef = _c_coefficients(plan, angles, _compute_dtype(x.dtype))
-        y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), angles, plan, False, coef)
+        coef = _c_coefficients(plan, rot, _compute_dtype(x.dtype))
+        y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), rot, plan, False, coef)
         out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
         if out is y_rot:  # the output must not alias the saved rotated state
             out = y_rot.clone()
@@ -465,7 +593,7 @@ class _KamaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x, angles, scale, bias = ctx.saved_tensors
-        y_rot, plan, out_features = ctx.y_rot, ctx.plan, ctx.out_features
+        y_rot, plan, out_features, gain = ctx.y_rot, ctx.plan, ctx.out_features, ctx.gain
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
             inputs = (x, angles, scale, bias)
             want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
@@ -474,20 +602,22 @@ class _KamaLinearFunction(torch.autograd.Function):
                 # A recorded walk over the batch costs many graph nodes per layer of rotations; when the batch is
                 # at least n rows (TRPO's Hessian-vector products over a whole rollout) the recorded graph is the
                 # weight as a product of the plan's layer matrices (a few batched GEMMs) plus one GEMM.
+                rot = angles if gain == 1.0 else angles * gain
                 if x.shape[0] >= plan.d:
-                    out = F.linear(x, _weight_from_matrix(_layered_matrix(plan, angles), scale, x.shape[1],
+                    out = F.linear(x, _weight_from_matrix(_layered_matrix(plan, rot), scale, x.shape[1],
                                                           out_features), bias)
                 else:
-                    out = _kama_linear_reference(x, angles, scale, bias, plan, out_features)
+                    out = _kama_linear_reference(x, rot, scale, bias, plan, out_features)
                 if want:
                     grads = torch.autograd.grad(out, [inputs[i] for i in want], g, create_graph=True,
                                                 allow_unused=True)
                     for i, gr in zip(want, grads, strict=True):
                         result[i] = gr
-            return (*result, None, None)
+            return (*result, None, None, None)
         if ctx.fused:
             dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            gc, a, sc = _as(g, dt), _as(angles, dt), _as(scale, dt)
+            rot = angles if gain == 1.0 else angles.detach() * gain
+            gc, a, sc = _as(g, dt), _as(rot, dt), _as(scale, dt)
             gx = torch.empty(n_rows, in_f, dtype=dt)
             ga = torch.empty(k, dtype=dt)
             gs = torch.empty(sc.shape[0], dtype=dt)
@@ -498,8 +628,10 @@ class _KamaLinearFunction(torch.autograd.Function):
                 a.data_ptr(), k, sc.data_ptr(), _tile_width(n_rows, plan.d, gc.element_size(), 2),
                 _kernel_threads(n_rows, k), int(dt == torch.float64))
             need = ctx.needs_input_grad
+            if gain != 1.0:
+                ga = ga * gain
             return (gx if need[0] else None, ga if need[1] else None, gs if need[2] else None,
-                    gb if need[3] else None, None, None)
+                    gb if need[3] else None, None, None, None)
         n, in_features = plan.d, x.shape[1]
         gb = g.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
         if out_features <= in_features:
@@ -509,14 +641,17 @@ class _KamaLinearFunction(torch.autograd.Function):
                 g_rot = F.pad(g_rot, (0, n - out_features))
         else:
             g_rot = g
-        g_xp, ga = _c_backward(y_rot, g_rot, angles, plan, False, ctx.coef)
+        rot = angles if gain == 1.0 else angles.detach() * gain
+        g_xp, ga = _c_backward(y_rot, g_rot, rot, plan, False, ctx.coef)
+        if gain != 1.0:
+            ga = ga * gain
         if out_features > in_features:
             g_in = g_xp[:, :in_features]
             gs = (g_in * x).sum(0)
             gx = g_in * scale
         else:
             gx = g_xp
-        return gx, ga, gs, gb, None, None
+        return gx, ga, gs, gb, None, None, None
 
 
 class ToeplitzLinear(nn.Module):

@@ -28,8 +28,8 @@ from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import nn
 
-from .._checks import check_choice, check_int
-from ..nn import KamaLinear, ToeplitzLinear
+from .._checks import check_bool, check_choice, check_int, check_real
+from ..nn import ANGLE_GAINS, PLANE_SAMPLERS, KamaLinear, ToeplitzLinear
 
 __all__ = ["ARCHITECTURES", "KamaActorCriticPolicy", "StructuredMlpExtractor", "structured_layer",
            "actor_parameter_count", "check_spaces", "check_env"]
@@ -38,8 +38,13 @@ ARCHITECTURES: tuple[str, ...] = ("kama", "toeplitz", "mlp")
 
 
 def structured_layer(architecture: str, in_features: int, out_features: int, *, gain: float,
-                     num_rotations: int = 200, learn_planes: bool = False) -> nn.Module:
-    """One layer of the given architecture, initialized like SB3's orthogonal init with ``gain``."""
+                     num_rotations: int = 200, learn_planes: bool = False, angle_gain: float | str = 1.0,
+                     plane_sampler: str = "iid") -> nn.Module:
+    """One layer of the given architecture, initialized like SB3's orthogonal init with ``gain``.
+
+    KAMA layers start with every scalar at ``gain`` (their rotation is orthogonal already) and a zero bias;
+    ``angle_gain`` and ``plane_sampler`` are :class:`kama.KamaLinear`'s (``"dense"`` computes the angle gain for
+    the initial scalars ``gain``)."""
     architecture = check_choice("architecture", architecture, ARCHITECTURES)
     if architecture == "mlp":
         layer = nn.Linear(in_features, out_features)
@@ -47,9 +52,9 @@ def structured_layer(architecture: str, in_features: int, out_features: int, *, 
         nn.init.zeros_(layer.bias)
         return layer
     if architecture == "kama":
-        layer = KamaLinear(in_features, out_features, num_rotations=num_rotations, learn_planes=learn_planes)
+        layer = KamaLinear(in_features, out_features, num_rotations=num_rotations, learn_planes=learn_planes,
+                           angle_gain=angle_gain, plane_sampler=plane_sampler, init_scale=gain)
         with torch.no_grad():
-            layer.scale.fill_(gain)
             layer.bias.zero_()
         return layer
     layer = ToeplitzLinear(in_features, out_features)
@@ -64,15 +69,16 @@ class StructuredMlpExtractor(nn.Module):
     ``forward_critic``) with two structured hidden layers per network."""
 
     def __init__(self, feature_dim: int, hidden: int, architecture: str, num_rotations: int,
-                 structured_critic: bool, learn_planes: bool, activation_fn: type[nn.Module]) -> None:
+                 structured_critic: bool, learn_planes: bool, activation_fn: type[nn.Module],
+                 angle_gain: float | str = 1.0, plane_sampler: str = "iid") -> None:
         super().__init__()
+        kama = {"num_rotations": num_rotations, "learn_planes": learn_planes, "angle_gain": angle_gain,
+                "plane_sampler": plane_sampler}
 
         def net(arch: str) -> nn.Sequential:
             return nn.Sequential(
-                structured_layer(arch, feature_dim, hidden, gain=math.sqrt(2), num_rotations=num_rotations,
-                                 learn_planes=learn_planes), activation_fn(),
-                structured_layer(arch, hidden, hidden, gain=math.sqrt(2), num_rotations=num_rotations,
-                                 learn_planes=learn_planes), activation_fn())
+                structured_layer(arch, feature_dim, hidden, gain=math.sqrt(2), **kama), activation_fn(),
+                structured_layer(arch, hidden, hidden, gain=math.sqrt(2), **kama), activation_fn())
 
         self.policy_net = net(architecture)
         self.value_net = net(architecture if structured_critic else "mlp")
@@ -120,7 +126,11 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
         num_rotations: Givens rotations per KAMA layer (K).
         structured_critic: structure the critic too (default: dense).
         learn_planes: KAMA layers learn their planes (paper section 6.3).
-        **kwargs: forwarded to ``ActorCriticPolicy`` (``log_std_init``, ``activation_fn``, ...).
+        angle_gain: KAMA layers' angle gain (:class:`kama.KamaLinear`): ``"dense"`` or a float (1.0: the
+            paper's parametrization).
+        plane_sampler: KAMA layers' planes: ``"iid"`` (the paper's) or ``"live"`` (no dead rotation).
+        **kwargs: forwarded to ``ActorCriticPolicy`` (``log_std_init``, ``activation_fn``, ...); ``net_arch``
+            is rejected (the architecture is ``hidden`` x 2).
 
     Example:
         >>> from stable_baselines3 import PPO
@@ -132,24 +142,38 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, lr_schedule: Any, *,
                  architecture: str = "kama", hidden: int = 64, num_rotations: int = 200,
-                 structured_critic: bool = False, learn_planes: bool = False, **kwargs: Any) -> None:
+                 structured_critic: bool = False, learn_planes: bool = False, angle_gain: float | str = 1.0,
+                 plane_sampler: str = "iid", **kwargs: Any) -> None:
         check_spaces(observation_space, action_space)
         self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
         self.hidden = check_int("hidden", hidden, minimum=1)
         self.num_rotations = check_int("num_rotations", num_rotations, minimum=1)
-        self.structured_critic = bool(structured_critic)
-        self.learn_planes = bool(learn_planes)
+        self.structured_critic = check_bool("structured_critic", structured_critic)
+        self.learn_planes = check_bool("learn_planes", learn_planes)
+        if isinstance(angle_gain, str):
+            check_choice("angle_gain", angle_gain, ANGLE_GAINS)
+        else:
+            check_real("angle_gain", angle_gain, minimum=0.0, strict_minimum=True)
+        self.angle_gain = angle_gain
+        self.plane_sampler = check_choice("plane_sampler", plane_sampler, PLANE_SAMPLERS)
+        if kwargs.get("net_arch") is not None:
+            raise ValueError(f"net_arch is not used by KamaActorCriticPolicy (two hidden layers of `hidden` units); "
+                             f"got net_arch={kwargs['net_arch']!r}")
         kwargs.pop("net_arch", None)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
+    def _kama_kwargs(self) -> dict[str, Any]:
+        return {"num_rotations": self.num_rotations, "learn_planes": self.learn_planes,
+                "angle_gain": self.angle_gain, "plane_sampler": self.plane_sampler}
+
     def _layer(self, arch: str, i: int, o: int, gain: float) -> nn.Module:
-        return structured_layer(arch, i, o, gain=gain, num_rotations=self.num_rotations,
-                                learn_planes=self.learn_planes)
+        return structured_layer(arch, i, o, gain=gain, **self._kama_kwargs())
 
     def _build_mlp_extractor(self) -> None:
         self.mlp_extractor = StructuredMlpExtractor(self.features_dim, self.hidden, self.architecture,
                                                     self.num_rotations, self.structured_critic, self.learn_planes,
-                                                    self.activation_fn)
+                                                    self.activation_fn, angle_gain=self.angle_gain,
+                                                    plane_sampler=self.plane_sampler)
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
@@ -167,7 +191,8 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
         data = super()._get_constructor_parameters()
         data.pop("net_arch", None)
         data.update(architecture=self.architecture, hidden=self.hidden, num_rotations=self.num_rotations,
-                    structured_critic=self.structured_critic, learn_planes=self.learn_planes)
+                    structured_critic=self.structured_critic, learn_planes=self.learn_planes,
+                    angle_gain=self.angle_gain, plane_sampler=self.plane_sampler)
         return data
 
 

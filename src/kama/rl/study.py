@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,10 @@ class StudyConfig:
         total_timesteps, eval_every, eval_episodes: as :class:`kama.rl.train.RunConfig`.
         algo_kwargs: extra PPO / TRPO keyword arguments per algorithm.
         structured_critic: structure the critics of KAMA / Toeplitz runs too (run folders get ``-sc``).
+        angle_gain: KAMA angle gains to sweep (``"dense"`` or floats; 1.0 is the paper's; folders get ``-g...``
+            for other values).
+        plane_sampler: KAMA plane samplers to sweep (``"iid"``, ``"live"``; folders get ``-live``).
+        normalize: ``VecNormalize`` settings to sweep, for every architecture (folders get ``-vn``).
     """
 
     tasks: tuple[str, ...] = ("InvertedPendulum-v5",)
@@ -73,10 +78,15 @@ class StudyConfig:
     eval_episodes: int = 5
     algo_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     structured_critic: bool = False
+    angle_gain: tuple[float | str, ...] = (1.0,)
+    plane_sampler: tuple[str, ...] = ("iid",)
+    normalize: tuple[bool, ...] = (False,)
 
 
-_TUPLES = {"tasks": str, "algos": str, "architectures": str, "seeds": int, "num_rotations": int,
-           "learn_planes": bool}
+_TUPLES: dict[str, type | tuple[type, ...]] = {"tasks": str, "algos": str, "architectures": str, "seeds": int,
+                                                "num_rotations": int, "learn_planes": bool,
+                                                "angle_gain": (int, float, str), "plane_sampler": str,
+                                                "normalize": bool}
 
 
 def _check_study(data: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +101,10 @@ def _check_study(data: dict[str, Any]) -> dict[str, Any]:
         for v in value:
             ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
             if not ok:
-                raise TypeError(f"{key} must be a list of {kind.__name__} values, got {v!r} in {list(value)!r}")
+                what = kind.__name__ if isinstance(kind, type) else "number or name"
+                raise TypeError(f"{key} must be a list of {what} values, got {v!r} in {list(value)!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{key} must not repeat a value, got {list(value)!r}")
         out[key] = tuple(value)
     for key in ("total_timesteps", "eval_every", "eval_episodes"):
         if key in out:
@@ -132,14 +145,25 @@ def load_study_config(source: str | Path | dict[str, Any]) -> StudyConfig:
     return StudyConfig(**_check_study(data))
 
 
+def _gain_tag(gain: float | str) -> str:
+    return f"-g{gain}" if isinstance(gain, str) else f"-g{float(gain):g}"
+
+
 def run_id(cfg: RunConfig) -> str:
-    """Folder name of a run: task, algorithm, architecture (with K and planes for KAMA, ``-sc`` for a structured
-    critic) and seed."""
+    """Folder name of a run: task, algorithm, architecture (for KAMA: K, ``-planes`` for learned planes, ``-g...``
+    for an angle gain other than the paper's 1, ``-live`` for live planes; ``-sc`` for a structured critic;
+    ``-vn`` for ``VecNormalize``) and seed. The paper's settings give the names runs have always had."""
     arch = cfg.architecture
     if arch == "kama":
         arch += f"-K{cfg.num_rotations}" + ("-planes" if cfg.learn_planes else "")
+        if not (isinstance(cfg.angle_gain, int | float) and float(cfg.angle_gain) == 1.0):
+            arch += _gain_tag(cfg.angle_gain)
+        if cfg.plane_sampler != "iid":
+            arch += f"-{cfg.plane_sampler}"
     if arch != "mlp" and cfg.structured_critic:
         arch += "-sc"
+    if cfg.normalize:
+        arch += "-vn"
     return f"{cfg.env_id}__{cfg.algo}__{arch}__s{cfg.seed}"
 
 
@@ -156,17 +180,21 @@ def expand(study: StudyConfig) -> list[RunConfig]:
         for algo in study.algos:
             hidden = study.hidden.get(algo, 64)
             for arch in study.architectures:
-                ks = study.num_rotations if arch == "kama" else study.num_rotations[:1]
-                planes = study.learn_planes if arch == "kama" else (False,)
-                for k in ks:
-                    for lp in planes:
-                        for seed in study.seeds:
-                            runs.append(RunConfig(env_id=task, algo=algo, architecture=arch, hidden=hidden,
-                                                  num_rotations=k, learn_planes=bool(lp),
-                                                  structured_critic=bool(study.structured_critic),
-                                                  total_timesteps=study.total_timesteps,
-                                                  eval_every=study.eval_every, eval_episodes=study.eval_episodes,
-                                                  seed=seed, algo_kwargs=dict(study.algo_kwargs.get(algo, {}))))
+                kama = arch == "kama"
+                variants = itertools.product(
+                    study.num_rotations if kama else study.num_rotations[:1],
+                    study.learn_planes if kama else (False,),
+                    study.angle_gain if kama else study.angle_gain[:1],
+                    study.plane_sampler if kama else study.plane_sampler[:1],
+                    study.normalize, study.seeds)
+                for k, lp, gain, sampler, norm, seed in variants:
+                    runs.append(RunConfig(env_id=task, algo=algo, architecture=arch, hidden=hidden,
+                                          num_rotations=k, learn_planes=bool(lp),
+                                          structured_critic=bool(study.structured_critic), angle_gain=gain,
+                                          plane_sampler=sampler, normalize=bool(norm),
+                                          total_timesteps=study.total_timesteps, eval_every=study.eval_every,
+                                          eval_episodes=study.eval_episodes, seed=seed,
+                                          algo_kwargs=dict(study.algo_kwargs.get(algo, {}))))
     seen = set()
     for r in runs:
         if (key := run_id(r)) in seen:
@@ -180,7 +208,7 @@ def _effective(config: dict[str, Any]) -> dict[str, Any]:
     """A run config without the fields its architecture ignores (K and planes outside KAMA, the critic's structure
     for the dense baseline)."""
     arch = config.get("architecture")
-    drop = set() if arch == "kama" else {"num_rotations", "learn_planes"}
+    drop = set() if arch == "kama" else {"num_rotations", "learn_planes", "angle_gain", "plane_sampler"}
     if arch == "mlp":
         drop.add("structured_critic")
     return {k: v for k, v in config.items() if k not in drop}

@@ -15,12 +15,16 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from .._checks import check_bool, check_choice, check_int, check_real
+from ..nn import ANGLE_GAINS, PLANE_SAMPLERS
 from ..records import atomic_write_text, file_manifest, provenance, write_csv
 from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
-__all__ = ["RunConfig", "ALGORITHMS", "validate", "make_model", "evaluate", "train", "stored_config", "LEGACY_VALUES"]
+__all__ = ["RunConfig", "ALGORITHMS", "validate", "make_env", "make_model", "evaluate", "load_run", "train",
+           "stored_config", "LEGACY_VALUES"]
 
 ALGORITHMS: tuple[str, ...] = ("ppo", "trpo")
 
@@ -38,6 +42,12 @@ class RunConfig:
         structured_critic: structure the critic as the actor (default: a dense critic; the paper compresses
             and counts the actor, and a structured critic measurably slows learning on Hopper, see README).
         learn_planes: learn the rotation planes (section 6.3).
+        angle_gain: KAMA layers' angle gain (:class:`kama.KamaLinear`): ``"dense"`` (a dense layer's step size)
+            or a float (1.0: the paper's parametrization).
+        plane_sampler: KAMA layers' planes: ``"iid"`` (the paper's) or ``"live"`` (no dead rotation).
+        normalize: wrap the training environment in ``VecNormalize`` (running normalization of observations and
+            rewards, as OpenAI baselines' MuJoCo runs that the paper used); evaluation normalizes observations
+            with the training statistics and reports raw returns. Applied alike to every architecture.
         total_timesteps: environment steps.
         eval_every: steps between evaluations (also one at step 0 and one at the end).
         eval_episodes: episodes per evaluation (deterministic actions, a separate seeded environment).
@@ -52,6 +62,9 @@ class RunConfig:
     num_rotations: int = 200
     structured_critic: bool = False
     learn_planes: bool = False
+    angle_gain: float | str = 1.0
+    plane_sampler: str = "iid"
+    normalize: bool = False
     total_timesteps: int = 100_000
     eval_every: int = 10_000
     eval_episodes: int = 5
@@ -59,7 +72,7 @@ class RunConfig:
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-LEGACY_VALUES: dict[str, Any] = {}
+LEGACY_VALUES: dict[str, Any] = {"angle_gain": 1.0, "plane_sampler": "iid", "normalize": False}
 """Fields added to :class:`RunConfig` after runs were stored, with the value that reproduces a run made before the
 field existed (used when a stored ``config.json`` is compared with a config)."""
 
@@ -123,6 +136,12 @@ def validate(cfg: RunConfig) -> None:
     check_int("num_rotations", cfg.num_rotations, minimum=1)
     check_bool("structured_critic", cfg.structured_critic)
     check_bool("learn_planes", cfg.learn_planes)
+    if isinstance(cfg.angle_gain, str):
+        check_choice("angle_gain", cfg.angle_gain, ANGLE_GAINS)
+    else:
+        check_real("angle_gain", cfg.angle_gain, minimum=0.0, strict_minimum=True)
+    check_choice("plane_sampler", cfg.plane_sampler, PLANE_SAMPLERS)
+    check_bool("normalize", cfg.normalize)
     check_int("total_timesteps", cfg.total_timesteps, minimum=1)
     check_int("eval_every", cfg.eval_every, minimum=1)
     check_int("eval_episodes", cfg.eval_episodes, minimum=1)
@@ -133,21 +152,34 @@ def validate(cfg: RunConfig) -> None:
     check_env(cfg.env_id)
 
 
+def make_env(cfg: RunConfig) -> Any:
+    """The training environment of ``cfg``: its id (SB3 wraps it in ``Monitor`` and ``DummyVecEnv``), or, with
+    ``normalize``, the same wrapped in ``VecNormalize`` (observations and rewards; the algorithm's ``gamma``)."""
+    if not cfg.normalize:
+        return cfg.env_id
+    venv = DummyVecEnv([lambda: Monitor(gym.make(cfg.env_id))])
+    return VecNormalize(venv, norm_obs=True, norm_reward=True, gamma=float(cfg.algo_kwargs.get("gamma", 0.99)))
+
+
 def make_model(cfg: RunConfig, env: gym.Env | str | None = None) -> Any:
-    """The PPO or TRPO model of ``cfg`` (``validate`` first)."""
+    """The PPO or TRPO model of ``cfg`` (``validate`` first), on ``env`` (default: :func:`make_env`)."""
     validate(cfg)
     policy_kwargs = {"architecture": cfg.architecture, "hidden": cfg.hidden, "num_rotations": cfg.num_rotations,
-                     "structured_critic": cfg.structured_critic, "learn_planes": cfg.learn_planes}
+                     "structured_critic": cfg.structured_critic, "learn_planes": cfg.learn_planes,
+                     "angle_gain": cfg.angle_gain, "plane_sampler": cfg.plane_sampler}
     algo_cls = _algo_class(cfg.algo)
     try:
-        return algo_cls(KamaActorCriticPolicy, env if env is not None else cfg.env_id, policy_kwargs=policy_kwargs,
+        return algo_cls(KamaActorCriticPolicy, env if env is not None else make_env(cfg), policy_kwargs=policy_kwargs,
                         seed=cfg.seed, device="cpu", **cfg.algo_kwargs)
     except AssertionError as e:  # SB3 checks some argument combinations with assert
         raise ValueError(f"algo_kwargs {cfg.algo_kwargs} rejected by {algo_cls.__name__}: {e}") from None
 
 
-def evaluate(model: Any, env_id: str, episodes: int, seed: int) -> list[float]:
-    """Returns of ``episodes`` deterministic episodes on a fresh environment seeded with ``seed``."""
+def evaluate(model: Any, env_id: str, episodes: int, seed: int, normalizer: VecNormalize | None = None) -> list[float]:
+    """Returns of ``episodes`` deterministic episodes on a fresh environment seeded with ``seed``.
+
+    With ``normalizer`` (the training ``VecNormalize``), observations are normalized by its current statistics
+    (not updated) before the policy sees them; returns are always the environment's raw rewards."""
     env = gym.make(env_id)
     returns = []
     try:
@@ -155,7 +187,8 @@ def evaluate(model: Any, env_id: str, episodes: int, seed: int) -> list[float]:
             obs, _ = env.reset(seed=seed + ep)
             done, total = False, 0.0
             while not done:
-                action, _ = model.predict(obs, deterministic=True)
+                seen = normalizer.normalize_obs(obs) if normalizer is not None else obs
+                action, _ = model.predict(seen, deterministic=True)
                 obs, reward, terminated, truncated, _ = env.step(action)
                 total += float(reward)
                 done = terminated or truncated
@@ -165,18 +198,60 @@ def evaluate(model: Any, env_id: str, episodes: int, seed: int) -> list[float]:
     return returns
 
 
+def load_run(folder: str | Path) -> tuple[Any, VecNormalize | None]:
+    """The trained model of a run folder and its observation normalizer (``None`` without ``normalize``), ready
+    for :func:`evaluate`: ``evaluate(model, env_id, episodes, seed, normalizer)``."""
+    folder = Path(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    algo_cls = _algo_class(meta["config"]["algo"])
+    model = algo_cls.load(folder / "model.zip", device="cpu")
+    normalizer = None
+    if (folder / "vecnormalize.pkl").exists():
+        venv = DummyVecEnv([lambda: gym.make(meta["config"]["env_id"])])
+        normalizer = VecNormalize.load(str(folder / "vecnormalize.pkl"), venv)
+        normalizer.training = False
+        normalizer.norm_reward = False
+    return model, normalizer
+
+
 class _EvalCallback(BaseCallback):
-    def __init__(self, cfg: RunConfig, rows: list[dict], csv_path: Path, t0: float) -> None:
+    """Evaluations every ``eval_every`` steps (``returns.csv``) and the statistics of every policy update that
+    the algorithm logs (``updates.csv``: ``approx_kl``, ``clip_fraction``, ``explained_variance``, ...)."""
+
+    def __init__(self, cfg: RunConfig, rows: list[dict], csv_path: Path, t0: float,
+                 updates_path: Path | None = None) -> None:
         super().__init__()
         self.cfg, self.rows, self.csv_path, self.t0 = cfg, rows, csv_path, t0
         self.next_eval = cfg.eval_every
+        self.updates_path = updates_path
+        self.updates: list[dict] = []
+        self._last_update: object = None
 
     def record(self) -> None:
-        rets = evaluate(self.model, self.cfg.env_id, self.cfg.eval_episodes, 10_000 + self.cfg.seed)
+        norm = self.model.get_vec_normalize_env()
+        rets = evaluate(self.model, self.cfg.env_id, self.cfg.eval_episodes, 10_000 + self.cfg.seed, norm)
         self.rows.append({"timesteps": int(self.model.num_timesteps), "mean_return": float(np.mean(rets)),
                           "std_return": float(np.std(rets)), "episodes": len(rets),
                           "wall_seconds": time.perf_counter() - self.t0})
         write_csv(self.csv_path, self.rows)
+
+    def record_update(self) -> None:
+        """The last update's logged ``train/*`` values (SB3 records them in ``train()`` and dumps them after the
+        next rollout, so they are readable when a rollout starts and once learning ends)."""
+        values = {k.split("/", 1)[1]: v for k, v in self.model.logger.name_to_value.items() if k.startswith("train/")}
+        if not values or self.updates_path is None:
+            return
+        key = values.get("n_updates", len(self.updates))
+        if key == self._last_update:
+            return
+        self._last_update = key
+        cols = list(self.updates[0]) if self.updates else ["timesteps", *sorted(values)]
+        row = {"timesteps": int(self.model.num_timesteps), **values}
+        self.updates.append({c: float(row[c]) if c in row and row[c] is not None else None for c in cols})
+        write_csv(self.updates_path, self.updates)
+
+    def _on_rollout_start(self) -> None:
+        self.record_update()
 
     def _on_step(self) -> bool:
         if self.model.num_timesteps >= self.next_eval:
@@ -188,9 +263,11 @@ class _EvalCallback(BaseCallback):
 def train(cfg: RunConfig, out_dir: str | Path) -> Path:
     """Train one run and write ``returns.csv``, ``config.json`` and ``model.zip`` under ``out_dir``.
 
-    ``returns.csv`` holds ``timesteps, mean_return, std_return, episodes, wall_seconds``; ``config.json`` the
-    resolved config, the actor's parameter count, provenance (package version, git commit) and, once the run
-    finished, ``"finished": true``. Returns ``out_dir``.
+    ``returns.csv`` holds ``timesteps, mean_return, std_return, episodes, wall_seconds``; ``updates.csv`` the
+    statistics of every policy update (PPO: ``approx_kl``, ``clip_fraction``, ...; TRPO: ``kl_divergence_loss``,
+    ...); ``config.json`` the resolved config, the actor's parameter count, provenance (package version, git
+    commit) and, once the run finished, ``"finished": true`` and the digests of the files. With ``normalize``,
+    ``vecnormalize.pkl`` holds the normalization statistics (:func:`load_run`). Returns ``out_dir``.
     """
     validate(cfg)
     out = Path(out_dir)
@@ -201,14 +278,20 @@ def train(cfg: RunConfig, out_dir: str | Path) -> Path:
     atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
     rows: list[dict] = []
     t0 = time.perf_counter()
-    callback = _EvalCallback(cfg, rows, out / "returns.csv", t0)
+    callback = _EvalCallback(cfg, rows, out / "returns.csv", t0, out / "updates.csv")
     callback.init_callback(model)
     callback.record()  # the untrained policy, at step 0
     model.learn(total_timesteps=cfg.total_timesteps, callback=callback)
+    callback.record_update()
     if not rows or rows[-1]["timesteps"] != model.num_timesteps:
         callback.record()
     model.save(out / "model.zip")
-    meta.update(outputs=file_manifest(out, ["returns.csv", "model.zip"]))
+    files = ["returns.csv", "model.zip"] + (["updates.csv"] if callback.updates else [])
+    norm = model.get_vec_normalize_env()
+    if norm is not None:
+        norm.save(str(out / "vecnormalize.pkl"))
+        files.append("vecnormalize.pkl")
+    meta.update(outputs=file_manifest(out, files))
     meta.update(finished=True, seconds=time.perf_counter() - t0, steps_per_second=cfg.total_timesteps / (
         time.perf_counter() - t0))
     atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
