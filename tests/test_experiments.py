@@ -27,7 +27,7 @@ TINY_ALL = [
     "k_ablation.n_points=20", "k_ablation.reps=3", "feature_speed.dims=[16]", "feature_speed.n_points=50",
     "feature_speed.repeats=1", "manifold.theorem_d=6", "manifold.theorem_steps=20", "manifold.d=6",
     "manifold.steps=30", "manifold.rgd_steps=10", "manifold.adam_steps=20", "manifold.capacity_d=4",
-    "manifold.capacity_ratios=[1]",
+    "manifold.capacity_ratios=[1]", "digits.epochs=2", "digits.seeds=[0]", 'digits.variants=["dense", "kama"]',
     'rl.study={"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "seeds": [0], "hidden": {"ppo": 8}, '
     '"num_rotations": [10], "total_timesteps": 256, "eval_every": 256, "eval_episodes": 1, '
     '"algo_kwargs": {"ppo": {"n_steps": 128, "batch_size": 64}}}',
@@ -38,7 +38,8 @@ TINY_ALL = [
 OUTPUTS = ("capacity/capacity.png", "capacity/capacity_mixing.csv", "kernel_approx/figure1_pointwise_mse.png",
            "kernel_approx/figure2_gram_error.png", "png_gap/png_gap.png", "k_ablation/k_ablation.png",
            "feature_speed/feature_speed.png", "rl/learning_curves.png", "rl/table1.csv", "rl/final_returns.csv",
-           "es/es_curves.png", "es/es_returns.csv", "manifold/theorem3.png", "manifold/convergence.png")
+           "es/es_curves.png", "es/es_returns.csv", "manifold/theorem3.png", "manifold/convergence.png",
+           "digits/digits.png", "digits/digits_accuracy.csv")
 
 
 def _check_report(out, experiments):
@@ -220,3 +221,18 @@ def test_iqm_with_stratified_bootstrap():
     assert lo < mid < hi
     const = np.full((5, 3), 2.0)
     assert iqm_with_ci(const, reps=50) == (2.0, 2.0, 2.0)
+
+
+def test_digits_networks_count_and_train():
+    pytest.importorskip("sklearn")
+    from kama.experiments.digits import DigitsConfig, make_network, parameter_count, train_one
+
+    counts = {v: parameter_count(make_network(v, 64, 0, 0)) for v in ("dense", "kama", "kama-paper", "toeplitz")}
+    # dense 64*64+64 + 64*64+64 + 64*10+10; KAMA K = ceil(64 ln 64) = 267 angles per layer + scalars + biases
+    assert counts == {"dense": 8970, "kama": 1077, "kama-paper": 1077, "toeplitz": 465}
+    r = train_one(DigitsConfig(epochs=3, seeds=(0,)), "dense", 0)
+    assert len(r["test_accuracy"]) == 3 and r["test_accuracy"][-1] > 0.8  # chance is 0.1
+    r = train_one(DigitsConfig(epochs=3, seeds=(0,)), "kama", 0)
+    assert r["parameters"] == 1077 and all(0.0 <= a <= 1.0 for a in r["test_accuracy"])
+    with pytest.raises(ValueError, match="variants"):
+        DigitsConfig(variants=("dense", "lowrank"))
