@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from _bench import provenance_lines, write_section
-from kama.experiments.kernels import LABELS, ORDER, featurize_seconds
+from kama.experiments.kernel_approx import LABELS, ORDER, featurize_seconds
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ CUDA-event-timed repeats for: ``torch.matmul`` in fp32 with TF32 off, with TF32 
 pure-PyTorch walk (``backend="reference"``); each kernel family's forward in fp32 and with bf16 input/output
 (fp32 state); forward + backward of the kernels against ``nn.Linear`` forward + backward (fp32, TF32 off); the
 effective TFLOP/s (6 flops per rotation per vector); the peak extra memory of the backward; and sweeps of the
-Triton scratch per program (``kama._triton.SCRATCH_BYTES``) and of the NVRTC tile size, threads per block and
-bank-conflict-free ordering (``kama._cuda.TILE_BYTES``, ``THREADS``, ``BANK_GROUPS``).
+Triton scratch per program (``kama.ops.gpu_triton.SCRATCH_BYTES``) and of the NVRTC tile size, threads per block and
+bank-conflict-free ordering (``kama.ops.gpu_nvrtc.TILE_BYTES``, ``THREADS``, ``BANK_GROUPS``).
 
 ``--smoke`` runs tiny sizes on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``) to check the
 script itself on a machine without a GPU; its timings mean nothing and it never writes ``BENCHMARKS.md``.
@@ -34,7 +34,9 @@ import torch  # noqa: E402
 
 import kama  # noqa: E402
 from _bench import provenance_lines, write_section  # noqa: E402
-from kama import _cuda, _triton, givens  # noqa: E402
+from kama.ops import gpu  # noqa: E402
+from kama.ops import gpu_nvrtc as _cuda  # noqa: E402
+from kama.ops import gpu_triton as _triton  # noqa: E402
 
 
 def engines(device: str) -> list[str]:
@@ -72,7 +74,7 @@ def check(device: str) -> list[str]:
         w = torch.randn(n, d, generator=g, dtype=dtype).to(device)
         outs = {}
         for backend in ["reference", *engines(device)]:
-            givens.GPU_ENGINE = backend if backend != "reference" else "auto"
+            gpu.GPU_ENGINE = backend if backend != "reference" else "auto"
             xa, aa = x.clone().requires_grad_(True), angles.clone().requires_grad_(True)
             y = kama.givens_apply(xa, pairs, aa, backend="cuda" if backend != "reference" else backend)
             (y * w).sum().backward()
@@ -82,7 +84,7 @@ def check(device: str) -> list[str]:
                     for a, b in zip(outs[eng], outs["reference"], strict=True)]
             lines.append(f"- {eng}, {dtype}, d={d}, k={k}, B={n}: max relative deviation from the reference walk: "
                          f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, angle gradient {errs[2]:.1e}")
-    givens.GPU_ENGINE = "auto"
+    gpu.GPU_ENGINE = "auto"
     return lines
 
 
@@ -109,7 +111,7 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
                                         max(3, repeats // 4), device)
         xb16, ab16 = x.bfloat16(), angles.bfloat16()
         for eng in engines(device):
-            givens.GPU_ENGINE = eng
+            gpu.GPU_ENGINE = eng
             t[f"kama {eng} fp32"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
             t[f"kama {eng} bf16 i/o"] = timer(lambda: kama.givens_apply(xb16, plan, ab16, backend="cuda"), repeats,
                                              device)
@@ -131,7 +133,7 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
     t_lin = timer(lin_fb, repeats, device)
     fb = []
     for eng in engines(device):
-        givens.GPU_ENGINE = eng
+        gpu.GPU_ENGINE = eng
         t_kama = timer(kama_fb, repeats, device)
         mem = ""
         if device == "cuda":
@@ -145,7 +147,7 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
             mem = f"{extra / (x.numel() * x.element_size()):.2f}x input"
         fb.append(f"| {d} | {batch} | {eng} | {t_lin * 1e3:.3f} | {t_kama * 1e3:.3f} | {t_lin / t_kama:.2f}x | "
                   f"{3 * gflop / t_kama / 1e3:.2f} | {mem} |")
-    givens.GPU_ENGINE = "auto"
+    gpu.GPU_ENGINE = "auto"
     return rows, fb
 
 
@@ -163,11 +165,11 @@ def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
             return timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
 
     try:
-        givens.GPU_ENGINE = "triton"
+        gpu.GPU_ENGINE = "triton"
         for kib in (32, 96, 192):
             _triton.SCRATCH_BYTES = kib * 1024
             rows.append(f"| {d} | {batch} | triton | {kib} | | {_triton.tile_rows(batch, d, 4)} | {run() * 1e3:.3f} |")
-        givens.GPU_ENGINE = "nvrtc"
+        gpu.GPU_ENGINE = "nvrtc"
         for kib, threads, banks in ((16, 512, True), (32, 256, True), (32, 512, True), (64, 256, True),
                                     (64, 512, True), (64, 512, False), (64, 1024, True), (100, 512, True),
                                     (200, 1024, True)):
@@ -179,7 +181,7 @@ def sweep(d: int, batch: int, repeats: int, device: str) -> list[str]:
             rows.append(f"| {d} | {batch} | {name} | {kib} | {threads} | {bb} | {run() * 1e3:.3f} |")
     finally:
         _triton.SCRATCH_BYTES, _cuda.TILE_BYTES, _cuda.THREADS, _cuda.BANK_GROUPS = old
-        givens.GPU_ENGINE = "auto"
+        gpu.GPU_ENGINE = "auto"
     return rows
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from _bench import provenance_lines, write_section
-from kama.experiments.manifold import _problem, riemannian_gd
+from kama.experiments.rotations import _problem, riemannian_gd
 from kama.manifold import givens_coordinate_descent
 
 

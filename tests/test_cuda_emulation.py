@@ -1,7 +1,7 @@
-"""The CUDA C source of the NVRTC kernels (``kama._cuda``), run on CPU: each kernel is compiled as C++ with
+"""The CUDA C source of the NVRTC kernels (``kama.ops.gpu_nvrtc``), run on CPU: each kernel is compiled as C++ with
 ``tests/cuda_emu/prelude.h`` (one std::thread per CUDA thread, std::barrier for ``__syncthreads``, an emulated
 warp shuffle) and checked against the reference walk, forward and backward, through the same host-side
-scheduling (bank-conflict-free groups with padding and flipped rotations) that ``kama._cuda`` launches with.
+scheduling (bank-conflict-free groups with padding and flipped rotations) that ``kama.ops.gpu_nvrtc`` launches with.
 This tests the kernels' indexing, layering, prefetching and reductions without a GPU; a GPU run
 (``benchmarks/gpu_checks.sh``) tests the rest."""
 
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import kama
-from kama import _cuda, givens
+from kama import ops as givens
+from kama.ops import gpu
+from kama.ops import gpu_nvrtc as _cuda
 
 HERE = Path(__file__).parent / "cuda_emu"
 CXX = shutil.which("g++")
@@ -81,13 +83,13 @@ def test_emulated_cuda_kernels_match_the_reference_walk(toolchain, io, cdtype, b
     angles = kama.random_angles(k, generator=g, dtype=torch.float64)
     x = torch.randn(n, d, generator=g, dtype=torch.float64).to(io)
     gy = torch.randn(n, d, generator=g, dtype=torch.float64).to(io)
-    c, s = givens._t_coef(plan, angles.to(cdtype), cdtype, transpose)
+    c, s = gpu.coefficients(plan, angles.to(cdtype), cdtype, transpose)
     ij, cs, offsets, src, sign, valid = _cuda._records(plan, c, s, _cuda._phase_pairs(bb, cdtype),
                                                        torch.device("cpu"))
     slots = int(ij.shape[0])
     for name, t in (("x.bin", x), ("gy.bin", gy), ("ij.bin", ij), ("cs.bin", cs), ("off.bin", offsets)):
         (work / name).write_bytes(_raw(t))
-    args = [str(n), str(d), str(slots), str(plan.depth), str(-(-n // bb)), str(grid), str(int(not transpose)),
+    args = [str(n), str(d), str(slots), str(plan.depth), str(-(-n // bb)), str(grid), str(int(transpose)),
             str(work)]
     subprocess.run([str(exe), "fwd", *args], check=True, timeout=120)
     y = _read(work / "y.bin", io, (n, d))

@@ -168,7 +168,7 @@ def test_haar_rotation_is_special_orthogonal():
 
 
 def test_gram_errors_show_the_papers_ordering():
-    from kama.experiments import kernels
+    from kama.experiments import kernel_approx as kernels
 
     X = kernels.subset("parkinson", 120, True, 0)
     urn = kernels.gram_errors(X, "gaussian", 2, 30, 1)
@@ -182,7 +182,7 @@ def test_gram_errors_show_the_papers_ordering():
 def test_gram_errors_match_direct_computation():
     import torch
 
-    from kama.experiments import kernels
+    from kama.experiments import kernel_approx as kernels
     from kama.png import png_kernel
 
     X = kernels.subset("boston", 20, True, 0)
@@ -200,7 +200,7 @@ def test_gram_errors_match_direct_computation():
 
 
 def test_png_gap_is_positive_and_order_one_over_d():
-    from kama.experiments import kernels
+    from kama.experiments import kernel_approx as kernels
 
     cfg = kernels.GapConfig(dims=(32,), functions=("sign", "tanh"), pairs=16, reps=150)
     row = kernels.mse_gap(32, "orthogonal", cfg, 0)
@@ -213,7 +213,7 @@ def test_png_gap_is_positive_and_order_one_over_d():
 def test_iqm_with_stratified_bootstrap():
     import numpy as np
 
-    from kama.experiments.rl import iqm_with_ci
+    from kama.experiments.rl_policies import iqm_with_ci
 
     scores = np.arange(1, 9, dtype=float)[:, None] * np.ones((1, 2))  # 8 runs x 2 tasks
     mid, lo, hi = iqm_with_ci(scores, reps=500)

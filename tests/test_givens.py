@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import kama
 from conftest import oracle_matrix, tol
-from kama.givens import GivensPlan, _layered_matrix, as_plan, choose_backend, cpu_kernel_available, plane_scores
+from kama.ops import GivensPlan, as_plan, choose_backend, cpu_kernel_available, plane_scores
+from kama.ops.reference import layered_matrix as _layered_matrix
 
 BACK = ["reference", "cpu", "dense"]
 
@@ -413,7 +414,7 @@ def test_bad_environment_settings_warn_and_keep_the_default(tmp_path):
     import subprocess
     import sys
 
-    code = "import kama.givens as g; print(g.TILE_BUDGET_BYTES)"
+    code = "import kama.ops.cpu as c; print(c.TILE_BUDGET_BYTES)"
     for value, default_kept in (("abc", True), ("-4", True), ("4096", False)):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**__import__("os").environ, "KAMA_TILE_BYTES": value})

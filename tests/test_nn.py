@@ -324,7 +324,7 @@ def test_inference_cache_follows_every_write_including_data():
         for change in (lambda: None, bump_angles, bump_scale, move_plane):
             change()
             y = layer(x)
-            assert "_dense_cache" in layer.__dict__
+            assert layer._cache.weight is not None  # the inference cache was used
             torch.testing.assert_close(y, fresh(), atol=1e-5, rtol=1e-5)
             outs.append(y)
     for a, b in zip(outs, outs[1:], strict=False):

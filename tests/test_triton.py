@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 
 import kama
 from conftest import oracle_matrix, tol
-from kama import _cuda, _triton, givens
+from kama import ops as givens
+from kama.ops import gpu
+from kama.ops import gpu_nvrtc as _cuda
+from kama.ops import gpu_triton as _triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -28,10 +31,10 @@ ENGINES = ["triton", "nvrtc"] if CUDA and _cuda.available() else ["triton"]
 
 @pytest.fixture(scope="module", params=ENGINES, autouse=True)
 def engine(request: pytest.FixtureRequest):
-    old = givens.GPU_ENGINE
-    givens.GPU_ENGINE = request.param
+    old = gpu.GPU_ENGINE
+    gpu.GPU_ENGINE = request.param
     yield request.param
-    givens.GPU_ENGINE = old
+    gpu.GPU_ENGINE = old
 
 
 def _problem(d, k, n, dtype=torch.float64, seed=0):
@@ -156,7 +159,7 @@ def test_missing_triton_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_triton, "available", lambda: False)
     monkeypatch.setattr(_cuda, "available", lambda: False)
     monkeypatch.setattr(_triton, "import_error", lambda: "ImportError: simulated")
-    monkeypatch.setattr(givens, "_WARNED_NO_TRITON", False)
+    monkeypatch.setattr(kama.ops.dispatch, "_WARNED_NO_GPU", False)
     with pytest.warns(RuntimeWarning, match="Triton is not available"):
         y = kama.givens_apply(x, pairs, angles, backend="cuda")
     torch.testing.assert_close(y, expected)
@@ -207,7 +210,7 @@ def test_cuda_c_tile_rule_and_availability():
 
 def test_unknown_gpu_engine_is_a_value_error(monkeypatch):
     pairs, angles, x = _problem(5, 10, 3)
-    monkeypatch.setattr(givens, "GPU_ENGINE", "cublas")
+    monkeypatch.setattr(gpu, "GPU_ENGINE", "cublas")
     with pytest.raises(ValueError, match=r"KAMA_GPU_ENGINE must be one of \['auto', 'nvrtc', 'triton'\], got 'cublas'"):
         kama.givens_apply(x, pairs, angles, backend="cuda")
 
@@ -223,9 +226,9 @@ def test_both_gpu_engines_agree(monkeypatch, dtype, d, n):
     w = torch.randn(n, d, generator=g).to(DEV, dtype)
     out = {}
     for eng in ("triton", "nvrtc"):
-        monkeypatch.setattr(givens, "GPU_ENGINE", eng)
+        monkeypatch.setattr(gpu, "GPU_ENGINE", eng)
         out[eng] = _fwd_bwd(x, pairs, angles, "cuda", False, w)
-    assert givens._gpu_engine(x, givens._compute_dtype(dtype)) is _cuda
+    assert gpu._engine(x, kama.ops.reference.compute_dtype(dtype)) is _cuda
     t = 4 * torch.finfo(dtype).eps * (1 if dtype in (torch.float32, torch.float64) else 4)
     for a, b in zip(out["nvrtc"], out["triton"], strict=True):
         scale = b.float().abs().max().item()
@@ -249,7 +252,7 @@ def test_nvrtc_compile_failure_is_a_typed_error_and_disables_the_engine(monkeypa
 @pytest.mark.skipif(not (CUDA and _cuda.available()), reason="needs a CUDA device and NVRTC")
 def test_nvrtc_failure_falls_back_to_triton_with_a_warning(monkeypatch):
     pairs, angles, x = _problem(17, 40, 5, torch.float32)
-    monkeypatch.setattr(givens, "GPU_ENGINE", "nvrtc")
+    monkeypatch.setattr(gpu, "GPU_ENGINE", "nvrtc")
 
     def broken(*args, **kwargs):
         raise _cuda.CompileError("kama: NVRTC could not build kama_fwd (simulated)")

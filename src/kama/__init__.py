@@ -6,18 +6,21 @@ rotation based neural networks" (AISTATS 2019).
 
 from __future__ import annotations
 
-from .givens import (
+from .nn import KamaLinear, ToeplitzLinear, to_linear
+from .ops import (
     BACKENDS,
     GivensPlan,
     asap_layers,
+    dead_rotations,
     default_num_rotations,
     givens_apply,
     givens_matrix,
     random_angles,
+    random_live_pairs,
     random_matching_pairs,
     random_pairs,
 )
-from .nn import KamaLinear, ToeplitzLinear
+from .ops.linear import kama_linear
 
 __version__ = "0.1.0"
 
@@ -27,11 +30,15 @@ __all__ = [
     "KamaLinear",
     "ToeplitzLinear",
     "asap_layers",
+    "dead_rotations",
     "default_num_rotations",
     "givens_apply",
     "givens_matrix",
+    "kama_linear",
     "random_angles",
+    "random_live_pairs",
     "random_matching_pairs",
     "random_pairs",
+    "to_linear",
     "__version__",
 ]

@@ -12,9 +12,11 @@
  * Backward walks them in reverse from the saved output: the angle gradient sum_b (g_j v_i - g_i v_j) is
  * accumulated (in double) per thread, then the inverse rotation recovers the input and rotates the gradient.
  *
- * No torch headers: the Python side passes raw data pointers of contiguous tensors. Every index is checked
- * against d before any data is touched (error code, never an out-of-bounds access).
+ * No torch headers: the bindings take torch.Tensor objects and check their dtype, device, contiguity and size
+ * against the call before reading their memory. Every index is checked against d before any data is touched
+ * (a Python error, never an out-of-bounds access).
  */
+#define _GNU_SOURCE /* dlfcn.h's RTLD_NOLOAD (use_openmp) */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
@@ -43,7 +45,7 @@ typedef struct {
     int64_t in_f, out_f;
     double *lacc;         /* lin backward: (nthreads, k + min(in_f, out_f) + out_f) accumulators */
     int64_t n, d, k;
-    int reverse;          /* 1: apply r = k-1 .. 0 (M x); 0: r = 0 .. k-1 (M^T x) */
+    int transpose;        /* 0: apply r = k-1 .. 0 (M x); 1: r = 0 .. k-1 with s negated (M^T x) */
     double sgn;           /* sign applied to s (-1 for the transpose) */
     int64_t tile;         /* T */
     int64_t t_begin, t_end; /* tile range of this worker */
@@ -294,12 +296,12 @@ DEFINE_IO(double, f64)
 
 #define DEFINE_KERNELS(TYPE, SUFFIX, T)                                                                     \
     KAMA_CLONES static void fwd_##SUFFIX##_##T(TYPE *restrict buf, const int32_t *restrict ij,              \
-                                               const TYPE *restrict cs, int64_t k, int reverse, TYPE sgn,   \
+                                               const TYPE *restrict cs, int64_t k, int transpose, TYPE sgn, \
                                                int pf) {                                                    \
         for (int64_t q = 0; q < k; ++q) {                                                                   \
-            const int64_t r = reverse ? k - 1 - q : q;                                                      \
+            const int64_t r = transpose ? q : k - 1 - q;                                                    \
             if (pf && q + pf < k) {                                                                         \
-                const int64_t rp = reverse ? r - pf : r + pf;                                               \
+                const int64_t rp = transpose ? r + pf : r - pf;                                             \
                 PREFETCH_ROWS(buf, ij[2 * rp], T, TYPE);                                                    \
                 PREFETCH_ROWS(buf, ij[2 * rp + 1], T, TYPE);                                                \
             }                                                                                               \
@@ -315,12 +317,12 @@ DEFINE_IO(double, f64)
     }                                                                                                       \
     KAMA_CLONES static void bwd_##SUFFIX##_##T(TYPE *restrict vb_, TYPE *restrict gb_,                      \
                                                const int32_t *restrict ij, const TYPE *restrict cs,         \
-                                               int64_t k, int reverse, TYPE sgn, double *restrict gacc,     \
+                                               int64_t k, int transpose, TYPE sgn, double *restrict gacc,   \
                                                int pf) {                                                    \
         for (int64_t q = k - 1; q >= 0; --q) {                                                              \
-            const int64_t r = reverse ? k - 1 - q : q;                                                      \
+            const int64_t r = transpose ? q : k - 1 - q;                                                    \
             if (pf && q - pf >= 0) {                                                                        \
-                const int64_t rp = reverse ? r + pf : r - pf;                                               \
+                const int64_t rp = transpose ? r - pf : r + pf;                                             \
                 PREFETCH_ROWS(vb_, ij[2 * rp], T, TYPE);                                                    \
                 PREFETCH_ROWS(vb_, ij[2 * rp + 1], T, TYPE);                                                \
                 PREFETCH_ROWS(gb_, ij[2 * rp], T, TYPE);                                                    \
@@ -495,7 +497,7 @@ static int prefetch_distance(size_t tile_bytes) {
         for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
             load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
-            DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, j->reverse,                   \
+            DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, j->transpose,                 \
                        (TYPE)j->sgn, prefetch_distance(bytes))                                              \
             store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T, (const TYPE *)j->scale);                      \
         }                                                                                                   \
@@ -514,7 +516,7 @@ static int prefetch_distance(size_t tile_bytes) {
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
             load_##SUFFIX(vb, (const TYPE *)j->y, n0, rows, d, T);                                          \
             load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
-            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, j->k, j->reverse,                \
+            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, j->k, j->transpose,              \
                        (TYPE)j->sgn, acc, prefetch_distance(2 * bytes))                                     \
             store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
         }                                                                                                   \
@@ -550,7 +552,7 @@ DEFINE_WORKERS(double, f64)
             if (widen)                                                                                      \
                 for (int64_t f = 0; f < in_f; ++f)                                                          \
                     for (int64_t t = 0; t < T; ++t) buf[f * T + t] *= sc[f];                                \
-            DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, 1,                            \
+            DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, 0,                            \
                        (TYPE)1, prefetch_distance(bytes))                                                   \
             if (ysave) store_cols_##SUFFIX(ysave, buf, n0, rows, d, d, T, NULL, NULL);                      \
             store_cols_##SUFFIX(out, buf, n0, rows, out_f, out_f, T, widen ? NULL : sc, bias);              \
@@ -587,7 +589,7 @@ DEFINE_WORKERS(double, f64)
             if (!widen)                                                                                     \
                 for (int64_t f = 0; f < out_f; ++f)                                                         \
                     for (int64_t t = 0; t < T; ++t) gb[f * T + t] *= sc[f];                                 \
-            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, k, 1,                            \
+            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, k, 0,                            \
                        (TYPE)1, acc, prefetch_distance(2 * bytes))                                          \
             if (widen) /* scale gradient: sum_t g_in[t, f] x[t, f], column by column (x's lines stay in L1) */ \
                 for (int64_t f = 0; f < in_f; ++f) {                                                        \
@@ -695,16 +697,120 @@ KAMA_CLONES static int check_pairs(const int32_t *restrict ij, int64_t k, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Python bindings: forward(x, y, n, d, pairs, cs, k, tile, nthreads, is_double, transpose[, scale])      */
-/*                  backward(y, gy, gx, gacc, n, d, pairs, cs, k, tile, nthreads, is_double, transpose)     */
-/* pairs: a capsule from make_pairs (validated (k, 2) int32 pairs for dimension d, owned here); cs: (k, 2)   */
-/* cos / sin (cos_sin's layout), both in product order. tile = 1 (one row at a time) selects the row walk.  */
-/* gacc (nthreads, k) receives d L / d(applied angle) in product order; the caller negates it for the     */
-/* transpose.                                                                                            */
+/* Python bindings. Every buffer arrives as a torch.Tensor object; its dtype, device (CPU), contiguity and  */
+/* number of elements are checked against what the call will touch before any data is read or written, and */
+/* its address is read from the object here: Python passes no raw address, and a wrong size is a Python    */
+/* error, never an out-of-bounds access.                                                                    */
+/*   make_pairs(pairs, d)                      pairs (k, 2) int32 -> a capsule of validated pairs            */
+/*   forward(x, y, pairs, cs, n, d, tile, nthreads, transpose[, scale])                                      */
+/*   backward(y, gy, gx, gacc, pairs, cs, n, d, tile, nthreads, transpose)                                    */
+/*   linear_forward(x, out, ysave, pairs, angles, scale, bias, n, in_f, out_f, tile, nthreads)              */
+/*   linear_backward(g, ysave, x, gx, ga, gs, gbias, pairs, angles, scale, n, in_f, out_f, tile, nthreads)   */
+/*   cos_sin(angles, cs); same_bytes(a, b); use_openmp(library_path)                                        */
+/* cs: (k, 2) cos / sin (cos_sin's layout), in product order. tile = 1 (one row at a time) selects the row   */
+/* walk. gacc (nthreads, k) float64 receives d L / d(applied angle) in product order; the caller negates it   */
+/* for the transpose. Optional tensors (scale, ysave, bias, gbias) may be None.                              */
 /* ---------------------------------------------------------------------------------------------------- */
 
-/* Validated pairs: make_pairs(ij, k, d) checks a (k, 2) int32 array once and copies it into memory that only
- * this module can reach, so the kernels need no per-call check (at k = 35k the check was ~1.7 us of a ~30 us
+static PyObject *torch_tensor_type, *dtype_f32, *dtype_f64, *dtype_i32;
+static PyObject *s_dtype, *s_is_cpu, *s_is_contiguous, *s_numel, *s_data_ptr;
+
+static int torch_refs(void) {
+    if (torch_tensor_type) return 0;
+    PyObject *torch = PyImport_ImportModule("torch");
+    if (!torch) return -1;
+    torch_tensor_type = PyObject_GetAttrString(torch, "Tensor");
+    dtype_f32 = PyObject_GetAttrString(torch, "float32");
+    dtype_f64 = PyObject_GetAttrString(torch, "float64");
+    dtype_i32 = PyObject_GetAttrString(torch, "int32");
+    Py_DECREF(torch);
+    s_dtype = PyUnicode_InternFromString("dtype");
+    s_is_cpu = PyUnicode_InternFromString("is_cpu");
+    s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    s_numel = PyUnicode_InternFromString("numel");
+    s_data_ptr = PyUnicode_InternFromString("data_ptr");
+    if (!torch_tensor_type || !dtype_f32 || !dtype_f64 || !dtype_i32 || !s_dtype || !s_is_cpu || !s_is_contiguous
+        || !s_numel || !s_data_ptr) {
+        Py_CLEAR(torch_tensor_type);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *dtype_name(PyObject *dtype) {
+    return dtype == dtype_f32 ? "torch.float32" : dtype == dtype_f64 ? "torch.float64" : "torch.int32";
+}
+
+/* The memory of argument `name`: a contiguous CPU tensor of `dtype` with exactly `numel` elements (NULL with a
+ * Python error otherwise). `t` may be None when `optional`: then *mem = NULL. Returns 0 on success. */
+static int tensor_mem(PyObject *t, const char *name, PyObject *dtype, long long numel, int optional, void **mem) {
+    *mem = NULL;
+    if (optional && t == Py_None) return 0;
+    if (torch_refs()) return -1;
+    int is_tensor = PyObject_IsInstance(t, torch_tensor_type);
+    if (is_tensor < 0) return -1;
+    if (!is_tensor) {
+        PyErr_Format(PyExc_TypeError, "%s must be a torch.Tensor, got %s", name, Py_TYPE(t)->tp_name);
+        return -1;
+    }
+    PyObject *v = PyObject_GetAttr(t, s_dtype);
+    if (!v) return -1;
+    int ok = v == dtype;
+    Py_DECREF(v);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s", name, dtype_name(dtype));
+        return -1;
+    }
+    v = PyObject_GetAttr(t, s_is_cpu);
+    if (!v) return -1;
+    ok = v == Py_True;
+    Py_DECREF(v);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%s must be a CPU tensor", name);
+        return -1;
+    }
+    v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
+    if (!v) return -1;
+    ok = v == Py_True;
+    Py_DECREF(v);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "%s must be contiguous", name);
+        return -1;
+    }
+    v = PyObject_CallMethodNoArgs(t, s_numel);
+    if (!v) return -1;
+    long long got = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (got == -1 && PyErr_Occurred()) return -1;
+    if (got != numel) {
+        PyErr_Format(PyExc_ValueError, "%s has %lld elements, the call needs %lld", name, got, numel);
+        return -1;
+    }
+    v = PyObject_CallMethodNoArgs(t, s_data_ptr);
+    if (!v) return -1;
+    *mem = PyLong_AsVoidPtr(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred()) return -1;
+    if (!*mem && numel > 0) {
+        PyErr_Format(PyExc_ValueError, "%s has no storage", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* The float dtype of `x` (float32 or float64), or NULL with a TypeError. */
+static PyObject *float_dtype(PyObject *x, const char *name) {
+    if (torch_refs()) return NULL;
+    PyObject *v = PyObject_GetAttr(x, s_dtype);
+    if (!v) return NULL;
+    Py_DECREF(v);  /* torch keeps the dtype objects alive */
+    if (v == dtype_f32 || v == dtype_f64) return v;
+    PyErr_Format(PyExc_TypeError, "%s must have dtype torch.float32 or torch.float64", name);
+    return NULL;
+}
+
+/* Validated pairs: make_pairs(pairs, d) checks a (k, 2) int32 tensor once and copies it into memory that only
+ * this module can reach, so the kernels need no per-call check (at k = 35k the check is ~1.7 us of a ~30 us
  * batch-1 forward) and never see an index outside [0, d). */
 typedef struct {
     int32_t *ij;
@@ -722,13 +828,28 @@ static void pairs_free(PyObject *capsule) {
 }
 
 static PyObject *py_make_pairs(PyObject *self, PyObject *args) {
-    unsigned long long ij;
-    long long k, d;
-    if (!PyArg_ParseTuple(args, "KLL", &ij, &k, &d)) return NULL;
-    if (k < 0 || d < 1) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: k=%lld d=%lld", k, d);
+    PyObject *t;
+    long long d;
+    if (!PyArg_ParseTuple(args, "OL", &t, &d)) return NULL;
+    if (d < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: d=%lld", d);
         return NULL;
     }
+    if (torch_refs()) return NULL;
+    PyObject *v = PyObject_IsInstance(t, torch_tensor_type) == 1 ? PyObject_CallMethodNoArgs(t, s_numel) : NULL;
+    if (!v) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "pairs must be a torch.Tensor");
+        return NULL;
+    }
+    long long numel = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (numel < 0 || numel % 2) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "pairs has %lld elements, not 2 per rotation", numel);
+        return NULL;
+    }
+    const long long k = numel / 2;
+    void *ij;
+    if (tensor_mem(t, "pairs", dtype_i32, numel, 0, &ij)) return NULL;
     if (check_pairs((const int32_t *)ij, k, d)) {
         PyErr_Format(PyExc_ValueError, "pairs must lie in [0, %lld) with i != j", d);
         return NULL;
@@ -752,41 +873,47 @@ static PyObject *py_make_pairs(PyObject *self, PyObject *args) {
     return capsule;
 }
 
-/* The pairs of a make_pairs capsule built for (k, d), or NULL with a Python error set. */
-static const int32_t *get_pairs(PyObject *capsule, long long k, long long d) {
+/* The validated pairs of a make_pairs capsule (made for dimension d), or NULL with a Python error set. */
+static const kama_pairs_t *get_pairs(PyObject *capsule, long long d) {
     if (!PyCapsule_IsValid(capsule, PAIRS_CAPSULE)) {
         PyErr_SetString(PyExc_TypeError, "pairs must be a capsule from _cgivens.make_pairs");
         return NULL;
     }
     const kama_pairs_t *p = (const kama_pairs_t *)PyCapsule_GetPointer(capsule, PAIRS_CAPSULE);
     if (!p) return NULL;
-    if (p->k != k || p->d != d) {
-        PyErr_Format(PyExc_ValueError, "pairs were made for k=%lld, d=%lld, not k=%lld, d=%lld", (long long)p->k,
-                     (long long)p->d, k, d);
+    if (p->d != d) {
+        PyErr_Format(PyExc_ValueError, "pairs were made for d=%lld, not d=%lld", (long long)p->d, d);
         return NULL;
     }
-    return p->ij;
+    return p;
 }
 
 /* The validated pairs for a call of these sizes, or NULL with a Python ValueError / TypeError set. */
-static const int32_t *check_args(long long n, long long d, long long k, long long tile, PyObject *pairs) {
-    if (n < 0 || d < 1 || k < 0 || !VALID_TILE(tile)) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld k=%lld tile=%lld", n, d, k, tile);
+static const kama_pairs_t *check_args(long long n, long long d, long long tile, int nthreads, PyObject *pairs) {
+    if (n < 0 || d < 1 || !VALID_TILE(tile) || nthreads < 1) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: n=%lld d=%lld tile=%lld nthreads=%d", n, d, tile, nthreads);
         return NULL;
     }
-    return get_pairs(pairs, k, d);
+    return get_pairs(pairs, d);
 }
 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
-    unsigned long long x, y, cs, scale = 0;
-    PyObject *pairs;
-    long long n, d, k, tile;
-    int nthreads, is_double, transpose;
-    if (!PyArg_ParseTuple(args, "KKLLOKLLiii|K", &x, &y, &n, &d, &pairs, &cs, &k, &tile, &nthreads, &is_double,
-                          &transpose, &scale))
+    PyObject *tx, *ty, *pairs, *tcs, *tscale = Py_None;
+    long long n, d, tile;
+    int nthreads, transpose;
+    if (!PyArg_ParseTuple(args, "OOOOLLLip|O", &tx, &ty, &pairs, &tcs, &n, &d, &tile, &nthreads, &transpose,
+                          &tscale))
         return NULL;
-    const int32_t *ij = check_args(n, d, k, tile, pairs);
-    if (!ij) return NULL;
+    const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
+    PyObject *dt = p ? float_dtype(tx, "x") : NULL;
+    if (!dt) return NULL;
+    void *x, *y, *cs, *scale;
+    if (tensor_mem(tx, "x", dt, n * d, 0, &x) || tensor_mem(ty, "y", dt, n * d, 0, &y)
+        || tensor_mem(tcs, "cs", dt, 2 * p->k, 0, &cs) || tensor_mem(tscale, "scale", dt, d, 1, &scale))
+        return NULL;
+    const int is_double = dt == dtype_f64;
+    const int32_t *ij = p->ij;
+    const int64_t k = p->k;
     if (n == 0) Py_RETURN_NONE;
     if (tile == 1) {
         Py_BEGIN_ALLOW_THREADS
@@ -798,9 +925,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         Py_END_ALLOW_THREADS
         Py_RETURN_NONE;
     }
-    job_t proto = {.x = (const void *)x, .y = (void *)y, .ij = ij, .cs = (const void *)cs,
-                   .scale = (const void *)scale, .n = n, .d = d, .k = k, .reverse = !transpose,
-                   .sgn = transpose ? -1.0 : 1.0, .tile = tile};
+    job_t proto = {.x = x, .y = y, .ij = ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = k,
+                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
@@ -810,41 +936,45 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
-    unsigned long long y, gy, gx, gacc, cs;
-    PyObject *pairs;
-    long long n, d, k, tile;
-    int nthreads, is_double, transpose;
-    if (!PyArg_ParseTuple(args, "KKKKLLOKLLiii", &y, &gy, &gx, &gacc, &n, &d, &pairs, &cs, &k, &tile, &nthreads,
-                          &is_double, &transpose))
+    PyObject *ty, *tgy, *tgx, *tgacc, *pairs, *tcs;
+    long long n, d, tile;
+    int nthreads, transpose;
+    if (!PyArg_ParseTuple(args, "OOOOOOLLLip", &ty, &tgy, &tgx, &tgacc, &pairs, &tcs, &n, &d, &tile, &nthreads,
+                          &transpose))
         return NULL;
-    const int32_t *ij = check_args(n, d, k, tile, pairs);
-    if (!ij) return NULL;
+    const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
+    PyObject *dt = p ? float_dtype(ty, "y") : NULL;
+    if (!dt) return NULL;
+    void *y, *gy, *gx, *gacc, *cs;
+    if (tensor_mem(ty, "y", dt, n * d, 0, &y) || tensor_mem(tgy, "gy", dt, n * d, 0, &gy)
+        || tensor_mem(tgx, "gx", dt, n * d, 0, &gx) || tensor_mem(tgacc, "gacc", dtype_f64, nthreads * p->k, 0, &gacc)
+        || tensor_mem(tcs, "cs", dt, 2 * p->k, 0, &cs))
+        return NULL;
     if (n == 0) Py_RETURN_NONE;
     /* the worker reads the saved output through j->y */
-    job_t proto = {.y = (void *)y, .gy = (const void *)gy, .gx = (void *)gx, .gacc = (double *)gacc,
-                   .ij = ij, .cs = (const void *)cs, .n = n, .d = d, .k = k, .reverse = !transpose,
-                   .sgn = transpose ? -1.0 : 1.0, .tile = tile};
+    job_t proto = {.y = y, .gy = gy, .gx = gx, .gacc = (double *)gacc, .ij = p->ij, .cs = cs, .n = n, .d = d,
+                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_jobs(is_double ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
+    status = run_jobs(dt == dtype_f64 ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
     Py_END_ALLOW_THREADS
     if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 /* Sizes and pairs of a fused-layer call; sets *d = max(in_f, out_f). The pairs, or NULL with an error set. */
-static const int32_t *lin_check(long long n, long long in_f, long long out_f, long long k, long long tile,
-                                PyObject *pairs, long long *d) {
+static const kama_pairs_t *lin_check(long long n, long long in_f, long long out_f, long long tile, int nthreads,
+                                     PyObject *pairs, long long *d) {
     if (in_f < 1 || out_f < 1) {
         PyErr_Format(PyExc_ValueError, "invalid sizes: in_f=%lld out_f=%lld", in_f, out_f);
         return NULL;
     }
     *d = in_f > out_f ? in_f : out_f;
-    return check_args(n, *d, k, tile, pairs);
+    return check_args(n, *d, tile, nthreads, pairs);
 }
 
 /* cos and sin of the k angles, interleaved, in a pooled buffer of *bytes bytes (NULL if out of memory). */
-static char *lin_coefficients(unsigned long long angles, long long k, int is_double, size_t *bytes) {
+static char *lin_coefficients(const void *angles, long long k, int is_double, size_t *bytes) {
     const size_t esz = is_double ? sizeof(double) : sizeof(float);
     *bytes = (size_t)(2 * (k > 0 ? k : 1)) * esz;
     char *coef = (char *)buf_get(*bytes);
@@ -854,26 +984,31 @@ static char *lin_coefficients(unsigned long long angles, long long k, int is_dou
     return coef;
 }
 
-/* linear_forward(x, out, ysave, n, in_f, out_f, pairs, angles, k, scale, bias, tile, nthreads, is_double)  */
-/* ysave (n, max(in_f, out_f)) may be 0 (no gradient needed), bias may be 0.                                */
+/* ysave (n, max(in_f, out_f)) may be None (no gradient needed), bias may be None. */
 static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
-    unsigned long long x, out, ysave, angles, scale, bias;
-    PyObject *pairs;
-    long long n, in_f, out_f, k, tile;
-    int nthreads, is_double;
-    if (!PyArg_ParseTuple(args, "KKKLLLOKLKKLii", &x, &out, &ysave, &n, &in_f, &out_f, &pairs, &angles, &k, &scale,
-                          &bias, &tile, &nthreads, &is_double))
+    PyObject *tx, *tout, *tys, *pairs, *tang, *tscale, *tbias;
+    long long n, in_f, out_f, tile;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOLLLLi", &tx, &tout, &tys, &pairs, &tang, &tscale, &tbias, &n, &in_f, &out_f,
+                          &tile, &nthreads))
         return NULL;
     long long d;
-    const int32_t *ij = lin_check(n, in_f, out_f, k, tile, pairs, &d);
-    if (!ij) return NULL;
+    const kama_pairs_t *p = lin_check(n, in_f, out_f, tile, nthreads, pairs, &d);
+    PyObject *dt = p ? float_dtype(tx, "x") : NULL;
+    if (!dt) return NULL;
+    const long long m = in_f < out_f ? in_f : out_f;
+    void *x, *out, *ysave, *angles, *scale, *bias;
+    if (tensor_mem(tx, "x", dt, n * in_f, 0, &x) || tensor_mem(tout, "out", dt, n * out_f, 0, &out)
+        || tensor_mem(tys, "ysave", dt, n * d, 1, &ysave) || tensor_mem(tang, "angles", dt, p->k, 0, &angles)
+        || tensor_mem(tscale, "scale", dt, m, 0, &scale) || tensor_mem(tbias, "bias", dt, out_f, 1, &bias))
+        return NULL;
+    const int is_double = dt == dtype_f64;
     if (n == 0) Py_RETURN_NONE;
     size_t cbytes;
-    char *coef = lin_coefficients(angles, k, is_double, &cbytes);
+    char *coef = lin_coefficients(angles, p->k, is_double, &cbytes);
     if (!coef) return PyErr_NoMemory();
-    job_t proto = {.x = (const void *)x, .gx = (void *)out, .y = (void *)ysave, .ij = ij, .cs = coef,
-                   .scale = (const void *)scale, .bias = (const void *)bias, .n = n, .d = d, .k = k, .in_f = in_f,
-                   .out_f = out_f, .tile = tile};
+    job_t proto = {.x = x, .gx = out, .y = ysave, .ij = p->ij, .cs = coef, .scale = scale, .bias = bias, .n = n,
+                   .d = d, .k = p->k, .in_f = in_f, .out_f = out_f, .tile = tile};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? lin_fwd_worker_f64 : lin_fwd_worker_f32, &proto, nthreads);
@@ -883,22 +1018,30 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* linear_backward(g, ysave, x, gx, ga, gs, gbias, n, in_f, out_f, pairs, angles, k, scale, tile, nthreads,   */
-/* is_double): gx (n, in_f), ga (k,), gs (min(in_f, out_f),), gbias (out_f,) or 0.                            */
+/* gx (n, in_f), ga (k,), gs (min(in_f, out_f),), gbias (out_f,) or None. */
 static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
-    unsigned long long g, ysave, x, gx, ga, gs, gbias, angles, scale;
-    PyObject *pairs;
-    long long n, in_f, out_f, k, tile;
-    int nthreads, is_double;
-    if (!PyArg_ParseTuple(args, "KKKKKKKLLLOKLKLii", &g, &ysave, &x, &gx, &ga, &gs, &gbias, &n, &in_f, &out_f,
-                          &pairs, &angles, &k, &scale, &tile, &nthreads, &is_double))
+    PyObject *tg, *tys, *tx, *tgx, *tga, *tgs, *tgb, *pairs, *tang, *tscale;
+    long long n, in_f, out_f, tile;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLLLi", &tg, &tys, &tx, &tgx, &tga, &tgs, &tgb, &pairs, &tang, &tscale,
+                          &n, &in_f, &out_f, &tile, &nthreads))
         return NULL;
     long long d;
-    const int32_t *ij = lin_check(n, in_f, out_f, k, tile, pairs, &d);
-    if (!ij) return NULL;
+    const kama_pairs_t *p = lin_check(n, in_f, out_f, tile, nthreads, pairs, &d);
+    PyObject *dt = p ? float_dtype(tg, "g") : NULL;
+    if (!dt) return NULL;
+    const int64_t k = p->k;
     const long long m = in_f < out_f ? in_f : out_f;
+    void *g, *ysave, *x, *gx, *ga, *gs, *gbias, *angles, *scale;
+    if (tensor_mem(tg, "g", dt, n * out_f, 0, &g) || tensor_mem(tys, "ysave", dt, n * d, 0, &ysave)
+        || tensor_mem(tx, "x", dt, n * in_f, 0, &x) || tensor_mem(tgx, "gx", dt, n * in_f, 0, &gx)
+        || tensor_mem(tga, "ga", dt, k, 0, &ga) || tensor_mem(tgs, "gs", dt, m, 0, &gs)
+        || tensor_mem(tgb, "gbias", dt, out_f, 1, &gbias) || tensor_mem(tang, "angles", dt, k, 0, &angles)
+        || tensor_mem(tscale, "scale", dt, m, 0, &scale))
+        return NULL;
+    const int is_double = dt == dtype_f64;
     const int64_t tiles = (n + tile - 1) / tile;
-    int nthr = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    int nthr = nthreads > 64 ? 64 : nthreads;
     if (nthr > tiles) nthr = tiles > 0 ? (int)tiles : 1;
     const int64_t width = k + m + out_f;
     const size_t abytes = (size_t)(nthr * width) * sizeof(double);
@@ -907,9 +1050,8 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     char *coef = lin_coefficients(angles, k, is_double, &cbytes);
     if (!lacc || !coef) { buf_put(lacc, abytes); buf_put(coef, cbytes); return PyErr_NoMemory(); }
     memset(lacc, 0, abytes);
-    job_t proto = {.gy = (const void *)g, .y = (void *)ysave, .x = (const void *)x, .gx = (void *)gx, .lacc = lacc,
-                   .ij = ij, .cs = coef, .scale = (const void *)scale, .n = n, .d = d, .k = k, .in_f = in_f,
-                   .out_f = out_f, .tile = tile};
+    job_t proto = {.gy = g, .y = ysave, .x = x, .gx = gx, .lacc = lacc, .ij = p->ij, .cs = coef, .scale = scale,
+                   .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f, .tile = tile};
     int status = 0;
     if (n > 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -926,55 +1068,79 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* cos_sin(angles, cs, k, is_double): the coefficients every C path uses (one libm, bit-identical paths), as
- * the (k, 2) array cs[r] = (cos angles[r], sin angles[r]). */
+/* cos_sin(angles, cs): the coefficients every C path uses (one libm, bit-identical paths), as the (k, 2) tensor
+ * cs[r] = (cos angles[r], sin angles[r]). */
 static PyObject *py_cos_sin(PyObject *self, PyObject *args) {
-    unsigned long long angles, cs;
-    long long k;
-    int is_double;
-    if (!PyArg_ParseTuple(args, "KKLi", &angles, &cs, &k, &is_double)) return NULL;
-    if (k < 0) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: k=%lld", k);
-        return NULL;
-    }
-    if (is_double) lin_coef_f64((const double *)angles, (double *)cs, k);
+    PyObject *tang, *tcs;
+    if (!PyArg_ParseTuple(args, "OO", &tang, &tcs)) return NULL;
+    PyObject *dt = float_dtype(tang, "angles");
+    if (!dt) return NULL;
+    PyObject *v = PyObject_CallMethodNoArgs(tang, s_numel);
+    if (!v) return NULL;
+    long long k = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    void *angles, *cs;
+    if (tensor_mem(tang, "angles", dt, k, 0, &angles) || tensor_mem(tcs, "cs", dt, 2 * k, 0, &cs)) return NULL;
+    if (dt == dtype_f64) lin_coef_f64((const double *)angles, (double *)cs, k);
     else lin_coef_f32((const float *)angles, (float *)cs, k);
     Py_RETURN_NONE;
 }
 
-/* same_bytes(a, b, nbytes): whether two buffers hold the same bytes (the coefficient cache's value check; a
- * tenth of torch.equal's cost for 35k angles). Equal bytes imply equal values, so a hit is never wrong. */
+/* same_bytes(a, b): whether two tensors of one dtype and size hold the same bytes (the coefficient cache's value
+ * check; a tenth of torch.equal's cost for 35k angles). Equal bytes imply equal values, so a hit is never wrong. */
 static PyObject *py_same_bytes(PyObject *self, PyObject *args) {
-    unsigned long long a, b;
-    long long nbytes;
-    if (!PyArg_ParseTuple(args, "KKL", &a, &b, &nbytes)) return NULL;
-    if (nbytes < 0) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: nbytes=%lld", nbytes);
-        return NULL;
+    PyObject *ta, *tb;
+    if (!PyArg_ParseTuple(args, "OO", &ta, &tb)) return NULL;
+    PyObject *dt = float_dtype(ta, "a");
+    if (!dt) return NULL;
+    PyObject *v = PyObject_CallMethodNoArgs(ta, s_numel);
+    if (!v) return NULL;
+    long long numel = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    void *a, *b;
+    if (tensor_mem(ta, "a", dt, numel, 0, &a)) return NULL;
+    if (tensor_mem(tb, "b", dt, numel, 0, &b)) {  /* another dtype or size: not the same bytes */
+        PyErr_Clear();
+        Py_RETURN_FALSE;
     }
-    if (nbytes == 0 || a == b) Py_RETURN_TRUE;
-    if (memcmp((const void *)(uintptr_t)a, (const void *)(uintptr_t)b, (size_t)nbytes) == 0) Py_RETURN_TRUE;
+    const size_t nbytes = (size_t)numel * (dt == dtype_f64 ? sizeof(double) : sizeof(float));
+    if (nbytes == 0 || a == b || memcmp(a, b, nbytes) == 0) Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }
 
-static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
-    unsigned long long par, num, tot;
-    if (!PyArg_ParseTuple(args, "KKK", &par, &num, &tot)) return NULL;
-    if (par && num && tot) {
-        gomp_parallel = (gomp_parallel_fn)(uintptr_t)par;
-        omp_thread_num = (omp_int_fn)(uintptr_t)num;
-        omp_num_threads = (omp_int_fn)(uintptr_t)tot;
-    } else {
-        gomp_parallel = NULL;
-        omp_thread_num = omp_num_threads = NULL;
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
+
+/* use_openmp(path): run threads on the OpenMP runtime already loaded from `path` (torch's libgomp), so that they
+ * never compete with torch's spinning workers; use_openmp(None): pthreads. Returns whether OpenMP is in use. */
+static PyObject *py_use_openmp(PyObject *self, PyObject *args) {
+    const char *path = NULL;
+    if (!PyArg_ParseTuple(args, "z", &path)) return NULL;
+    gomp_parallel = NULL;
+    omp_thread_num = omp_num_threads = NULL;
+#if defined(__linux__)
+    if (path) {
+        void *lib = dlopen(path, RTLD_NOLOAD | RTLD_LAZY);
+        if (lib) {
+            gomp_parallel_fn par = (gomp_parallel_fn)dlsym(lib, "GOMP_parallel");
+            omp_int_fn num = (omp_int_fn)dlsym(lib, "omp_get_thread_num");
+            omp_int_fn tot = (omp_int_fn)dlsym(lib, "omp_get_num_threads");
+            if (par && num && tot) {
+                gomp_parallel = par;
+                omp_thread_num = num;
+                omp_num_threads = tot;
+            }
+        }
     }
-    Py_RETURN_NONE;
+#endif
+    return PyBool_FromLong(gomp_parallel != NULL);
 }
 
 static PyMethodDef methods[] = {
-    {"set_openmp", py_set_openmp, METH_VARARGS,
-     "Use GOMP_parallel, omp_get_thread_num, omp_get_num_threads at these addresses (0, 0, 0: pthreads)."},
-    {"make_pairs", py_make_pairs, METH_VARARGS, "Validate (k, 2) int32 pairs for dimension d; a capsule."},
+    {"use_openmp", py_use_openmp, METH_VARARGS,
+     "Run threads on the OpenMP runtime loaded from this path (None: pthreads); whether OpenMP is in use."},
+    {"make_pairs", py_make_pairs, METH_VARARGS, "Validate a (k, 2) int32 pairs tensor for dimension d; a capsule."},
     {"forward", py_forward, METH_VARARGS, "Apply rotations in application order to a row-major batch."},
     {"backward", py_backward, METH_VARARGS, "Backward from the saved output (see _cgivens.c)."},
     {"cos_sin", py_cos_sin, METH_VARARGS, "cos and sin of k angles (float or double), as (k, 2)."},

@@ -172,7 +172,7 @@ def _rl(args: argparse.Namespace) -> int:
         print(f"run written to {out}")
         return 0
     if args.rl_command == "report":
-        from .experiments.rl import report
+        from .experiments.rl_policies import report
         from .records import atomic_write_text, provenance
 
         try:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._checks import check_choice, check_int
-from .givens import GivensPlan, givens_apply, givens_apply_scaled, random_angles, random_pairs
+from .ops import GivensPlan, givens_apply, givens_apply_scaled, random_angles, random_pairs
 
 __all__ = [
     "SAMPLERS",

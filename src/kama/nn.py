@@ -14,34 +14,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import givens as _givens
 from ._checks import FLOAT_DTYPES, check_choice, check_int, check_real
-from .givens import (
+from .ops import (
     GivensPlan,
-    _as,
-    _c_backward,
-    _c_coefficients,
-    _c_forward,
-    _compute_dtype,
-    _kernel_pairs,
-    _kernel_threads,
-    _layered_matrix,
-    _throughputs,
-    _tile_width,
     angle_sensitivities,
-    as_plan,
-    choose_backend,
-    cpu_kernel_available,
     dead_rotations,
     default_num_rotations,
-    givens_apply,
-    plane_scores,
     random_angles,
     random_live_pairs,
     random_pairs,
 )
+from .ops.linear import LinearCache, kama_linear, kama_weight
+from .planes import PlaneSelector
 
-__all__ = ["KamaLinear", "ToeplitzLinear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS"]
+__all__ = ["KamaLinear", "ToeplitzLinear", "to_linear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS"]
 
 ANGLE_GAINS: tuple[str, ...] = ("dense",)
 """Named rules for ``KamaLinear(angle_gain=...)`` (a positive float is accepted too)."""
@@ -94,26 +80,6 @@ def _check_dtype(dtype: object) -> torch.dtype | None:
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:
     """U(-bound, bound) drawn in float64 on the CPU (same values on every device and dtype)."""
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-
-
-def _pad_input(x: torch.Tensor, scale: torch.Tensor, out_features: int, n: int) -> torch.Tensor:
-    """Widening layers (out > in) scale the input columns and zero-pad them to ``n``."""
-    in_features = x.shape[-1]
-    if out_features > in_features:
-        x = F.pad(x * scale, (0, n - in_features))
-    return x
-
-
-def _finish_output(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                   out_features: int) -> torch.Tensor:
-    """Narrowing layers (out <= in) keep the first ``out`` rotated coordinates and scale them; then the bias."""
-    if out_features <= in_features:
-        if out_features < y.shape[-1]:
-            y = y[..., :out_features]
-        if bias is not None:
-            return torch.addcmul(bias, y, scale)
-        return y * scale
-    return y + bias if bias is not None else y
 
 
 class KamaLinear(nn.Module):
@@ -262,7 +228,6 @@ class KamaLinear(nn.Module):
         if not (isinstance(plane_tol, (int, float)) and 0.0 <= float(plane_tol) <= 1.0):
             raise ValueError(f"plane_tol must be a number in [0, 1], got {plane_tol!r}")
         self.plane_tol = float(plane_tol)
-        self.plane_max_moves = max(1, math.ceil(self.num_rotations / 8))
 
         k = self.num_rotations
         self.register_buffer("pairs", torch.zeros(k, 2, dtype=torch.long, device=device))
@@ -276,9 +241,11 @@ class KamaLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self._plane_seed = 0
-        self._train_steps = 0
-        self._pending_planes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cache = LinearCache()
+        self._planes: PlaneSelector | None = None
+        if self.learn_planes:
+            self._planes = PlaneSelector(k, self.plane_update_every, self.plane_candidates, self.plane_tol)
+            self._planes.attach(self)
         self.reset_parameters(generator=generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -299,9 +266,8 @@ class KamaLinear(nn.Module):
             self.scale.fill_(scale)
             if self.bias is not None:
                 self.bias.copy_(_uniform((self.out_features,), 1.0 / math.sqrt(self.in_features), generator))
-        self._pending_planes = None
-        if self.learn_planes:  # seed of the candidate planes drawn during training
-            self._plane_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if self._planes is not None:  # seed of the candidate planes drawn during training
+            self._planes.reset(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
     def _initial_gain(self, pairs: torch.Tensor, angles: torch.Tensor, scale: float) -> float:
         """``angle_gain`` for the initial planes, angles and scalars (see the class docstring)."""
@@ -320,7 +286,7 @@ class KamaLinear(nn.Module):
         """Boolean mask ``(k,)`` of the rotations that can never act in this truncated layer (their angles'
         gradients are exactly zero; see :func:`kama.givens.dead_rotations`). All ``False`` for square layers and
         for ``plane_sampler="live"`` (until learned planes move)."""
-        return dead_rotations(self._plan(), self.n, inputs=self.in_features, outputs=self.out_features)
+        return dead_rotations(self.pairs, self.n, inputs=self.in_features, outputs=self.out_features)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -336,111 +302,13 @@ class KamaLinear(nn.Module):
                                       error_msgs)
 
     # ------------------------------------------------------------------------------------------------------
-    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        return _pad_input(x, self.scale, self.out_features, self.n)
-
-    def _finish_output(self, y: torch.Tensor) -> torch.Tensor:
-        return _finish_output(y, self.scale, self.bias, self.in_features, self.out_features)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}"
             )
-        record = False
-        if self.learn_planes:
-            self._apply_pending_planes()
-            if self.training and torch.is_grad_enabled() and self.num_rotations > 0:
-                record = self._train_steps % self.plane_update_every == 0
-                self._train_steps += 1
-        # One lookup each (nn.Module.__getattr__ is slow on RL-size hot paths); buffers (fixed angles) and
-        # tensors swapped in by torch.func.functional_call take the ordinary attribute path.
-        params = self._parameters
-        angles = params["angles"] if "angles" in params else self.angles
-        scale = params["scale"] if "scale" in params else self.scale
-        bias = params["bias"] if "bias" in params else self.bias
-        if x.is_meta or angles.is_meta:  # shape propagation (meta-device models): no values to rotate
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        if torch.jit.is_tracing():  # the compiled paths write through raw pointers, which a trace cannot record
-            return F.linear(x, self.to_dense(), bias)
-        n_rows = x.numel() // self.in_features
-        plan = self._plan()
-        if not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
-            if self._dense_wins(n_rows, angles):
-                return F.linear(x, self._cached_dense(angles, scale, plan), bias)
-        if not record and x.device.type == "cpu" and x.dtype == angles.dtype and self._fused_wins(n_rows, plan):
-            # One autograd node (one C pass) for pad, rotations, truncation, scalars and bias: RL-size layers are
-            # dominated by per-op overhead.
-            if x.dim() == 2:
-                return _KamaLinearFunction.apply(x, angles, scale, bias, plan, self.out_features, self.angle_gain)
-            y = _KamaLinearFunction.apply(x.reshape(-1, self.in_features), angles, scale, bias, plan,
-                                          self.out_features, self.angle_gain)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        xp = self._pad_input(x)
-        y = givens_apply(xp, plan, self.rotation_angles())
-        if record and y.requires_grad:
-            xd = xp.detach()
-            y.register_hook(lambda g: self._propose_planes(xd, g))
-        return self._finish_output(y)
-
-    def _fused_wins(self, n_rows: int, plan: GivensPlan) -> bool:
-        """Whether ``choose_backend`` picks the compiled kernel for ``n_rows`` (cached per batch size and plan)."""
-        cached = self.__dict__.get("_fused_cache")
-        if cached is not None and cached[0] == n_rows and cached[1] is plan:
-            return cached[2]
-        wins = cpu_kernel_available() and choose_backend(n_rows, self.n, plan) == "cpu"
-        self.__dict__["_fused_cache"] = (n_rows, plan, wins)
-        return wins
-
-    def _plan(self) -> GivensPlan:
-        """The plan of ``pairs``, kept on the module while ``pairs`` keeps its values (checked each call)."""
-        cached = self.__dict__.get("_plan_cache")
-        current = self._buffers["pairs"] if "pairs" in self._buffers else self.pairs
-        if cached is not None:
-            pairs, plan = cached
-            if pairs.device == current.device and pairs.shape == current.shape and torch.equal(pairs, current):
-                return plan
-        plan = as_plan(current, self.n)
-        self.__dict__["_plan_cache"] = (current.clone(), plan)
-        return plan
-
-    # ------------------------------------------------------------------------------------------------------
-    # Inference cache: without gradients, a materialized W is reused while angles and scale keep their values
-    # and pairs is untouched. Angles and scalars are checked by value (O(k) per call), not by tensor versions:
-    # writes through ``.data`` (TRPO's line search does this) do not bump versions.
-    def _dense_wins(self, n_rows: int, angles: torch.Tensor) -> bool:
-        """Whether materializing W beats the walk for ``n_rows`` rows (cached per batch size and device)."""
-        dev = angles.device
-        cached = self.__dict__.get("_dense_wins_cache")
-        if cached is not None and cached[0] == n_rows and cached[1] == dev:
-            return cached[2]
-        _, walk, gemm = _throughputs(dev)
-        dense_s = 3e-6 + 2.0 * n_rows * self.in_features * self.out_features / gemm
-        walk_s = 20e-6 + 6.0 * self.num_rotations * n_rows / walk
-        self.__dict__["_dense_wins_cache"] = (n_rows, dev, dense_s < walk_s)
-        return dense_s < walk_s
-
-    def _cached_dense(self, a: torch.Tensor, sc: torch.Tensor, plan: GivensPlan) -> torch.Tensor:
-        """The materialized weight for the current ``angles`` ``a``, ``scale`` ``sc`` and ``plan`` (reused while
-        the angles and scalars keep their values and the plan is the same object: :meth:`_plan` compares the
-        ``pairs`` buffer by value, so writes through ``.data`` are seen)."""
-        cache = self.__dict__.get("_dense_cache")
-        if cache is not None:
-            ca, cs, cplan, w = cache
-            # by value: optimizers and ``.data`` writes (which do not bump versions) both change them
-            if cplan is plan and ca.dtype == a.dtype and ca.device == a.device and torch.equal(ca, a) \
-                    and torch.equal(cs, sc):
-                return w
-        with torch.no_grad():
-            w = self.to_dense(backend="auto")
-        self.__dict__["_dense_cache"] = (a.detach().clone(), sc.detach().clone(), plan, w)
-        return w
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        for key in ("_dense_cache", "_plan_cache", "_fused_cache", "_dense_wins_cache"):
-            state.pop(key, None)
-        return state
+        return kama_linear(x, self.pairs, self.angles, self.scale, self.bias, out_features=self.out_features,
+                           angle_gain=self.angle_gain, cache=self._cache)
 
     def to_dense(self, *, backend: str = "reference") -> torch.Tensor:
         """The ``(out_features, in_features)`` weight ``W`` (differentiable), ``layer(x) == x @ W.T + b``.
@@ -452,14 +320,31 @@ class KamaLinear(nn.Module):
         """
         if self.angles.is_meta:
             return self.angles.new_empty(self.out_features, self.in_features)
-        eye = torch.eye(self.n, dtype=self.angles.dtype, device=self.angles.device)
-        m = givens_apply(eye, self._plan(), self.rotation_angles(), transpose=True, backend=backend)
-        return _weight_from_matrix(m, self.scale, self.in_features, self.out_features)
+        return kama_weight(self._plan(), self.angles, self.scale, self.in_features, self.out_features,
+                           angle_gain=self.angle_gain, backend=backend)
+
+    def _plan(self) -> GivensPlan:
+        """The plan of ``pairs`` (the layer's cache keeps it while ``pairs`` keeps its values)."""
+        if self.pairs.is_meta:
+            raise ValueError("a layer on the meta device has no planes to plan; move it with to_empty() first")
+        return self._cache.plan_of(self.pairs, self.n)
 
     @property
     def weight(self) -> torch.Tensor:
         """Materialized weight, as ``nn.Linear.weight`` would be (read-only view of :meth:`to_dense`)."""
         return self.to_dense()
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function (the materialized weight and a copy of the bias), for
+        deployment and export: ``layer.to_linear()(x) == layer(x)`` up to rounding.
+
+        Example:
+            >>> layer = KamaLinear(6, 4, generator=torch.Generator().manual_seed(0))
+            >>> x = torch.randn(3, 6)
+            >>> torch.allclose(layer.to_linear()(x), layer(x), atol=1e-6)
+            True
+        """
+        return _linear_like(self, self.to_dense(backend="auto"))
 
     def num_parameters(self) -> int:
         """Learned parameters as the paper's Table 1 counts them: angles + scalars + bias (planes excluded)."""
@@ -482,38 +367,10 @@ class KamaLinear(nn.Module):
         return s
 
     # ------------------------------------------------------------------------------------------------------
-    def _candidate_planes(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self._plane_seed + self._train_steps)
-        k, c = self.num_rotations, self.plane_candidates
-        return random_pairs(self.n, k * c, generator=gen).view(k, c, 2)
-
-    def _choose_planes(self, xp: torch.Tensor, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cand = self._candidate_planes().to(xp.device)
-        scores, current = plane_scores(xp.reshape(-1, self.n), grad_y.reshape(-1, self.n), self.pairs,
-                                       self.rotation_angles().detach(), cand)
-        best = scores.abs().argmax(dim=1)
-        best_score = scores.abs().gather(1, best[:, None])[:, 0]
-        idle = torch.sin(self.rotation_angles().detach().to(scores.dtype) / 2).abs() <= self.plane_tol
-        gain = torch.where(idle & (best_score > current.abs()), best_score - current.abs(), -1.0)
-        # Greedy, as Algorithm 1: move only the rotations with the largest gains (at most plane_max_moves).
-        top = torch.topk(gain, min(self.plane_max_moves, gain.numel())).indices
-        rows = top[gain[top] > 0]
-        new = cand[rows, best[rows]]
-        return rows, new
-
-    def _propose_planes(self, xp: torch.Tensor, grad_y: torch.Tensor) -> None:
-        self._pending_planes = self._choose_planes(xp, grad_y)
-
-    def _apply_pending_planes(self) -> int:
-        pending, self._pending_planes = self._pending_planes, None
-        if pending is None:
-            return 0
-        rows, new = pending
-        if rows.numel():
-            with torch.no_grad():
-                self.pairs[rows] = new.to(self.pairs.device)
-                self.angles[rows] = 0
-        return int(rows.numel())
+    @property
+    def plane_max_moves(self) -> int:
+        """Rotations moved per plane re-selection at most (``ceil(k / 8)``)."""
+        return max(1, math.ceil(self.num_rotations / 8))
 
     def reselect_planes(self, x: torch.Tensor, grad_output: torch.Tensor) -> int:
         """One plane re-selection step now, from an input batch and ``dL/d(pre-bias output)``.
@@ -525,133 +382,10 @@ class KamaLinear(nn.Module):
         Returns:
             The number of rotations that moved to a new plane.
         """
-        if not self.learn_planes:
+        if self._planes is None:
             raise ValueError("reselect_planes needs a layer built with learn_planes=True, got learn_planes=False")
-        with torch.no_grad():
-            xp = self._pad_input(x)
-            g = grad_output
-            if self.out_features <= self.in_features:
-                g = F.pad(g * self.scale, (0, self.n - self.out_features))
-        self._pending_planes = self._choose_planes(xp, g)
-        return self._apply_pending_planes()
-
-
-def _weight_from_matrix(m: torch.Tensor, scale: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
-    """KamaLinear's ``(out, in)`` weight from ``M`` (``n x n``): scaled leading rows or columns."""
-    if out_features <= in_features:
-        return scale[:, None] * m[:out_features, :]
-    return m[:, :in_features] * scale[None, :]
-
-
-def _kama_linear_reference(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           plan: GivensPlan, out_features: int) -> torch.Tensor:
-    """The unfused, twice-differentiable composition that :class:`_KamaLinearFunction` computes."""
-    in_features = x.shape[-1]
-    y = givens_apply(_pad_input(x, scale, out_features, plan.d), plan, angles)
-    return _finish_output(y, scale, bias, in_features, out_features)
-
-
-_FUSED_KERNEL = hasattr(_givens._cgivens, "linear_forward")
-
-
-class _KamaLinearFunction(torch.autograd.Function):
-    """KamaLinear's forward in one autograd node over the compiled kernel (CPU).
-
-    Saves the input and the rotated (pre-truncation) output; backward runs the kernel's saved-output walk.
-    A recorded backward (``create_graph=True``, e.g. TRPO's Hessian-vector products) recomputes the forward
-    with differentiable operations and differentiates that, so higher derivatives stay exact."""
-
-    @staticmethod
-    def forward(ctx, x, angles, scale, bias, plan, out_features, gain=1.0):  # type: ignore[override]
-        ctx.plan, ctx.out_features, ctx.gain = plan, out_features, gain
-        rot = angles if gain == 1.0 else angles.detach() * gain  # the rotation angles
-        ctx.fused = x.dtype in (torch.float32, torch.float64) and _FUSED_KERNEL
-        if ctx.fused:  # pad, scale, rotate, truncate and bias in one C pass (cos/sin computed there too)
-            dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            xc, a, sc = _as(x, dt), _as(rot, dt), _as(scale, dt)  # read through data_ptr only
-            b = _as(bias, dt) if bias is not None else None
-            out = torch.empty(n_rows, out_features, dtype=dt)
-            # the rotated state is an intermediate (not an input or output): a plain attribute, no SavedVariable
-            ctx.y_rot = torch.empty(n_rows, plan.d, dtype=dt) if any(ctx.needs_input_grad[:4]) else None
-            _givens._cgivens.linear_forward(
-                xc.data_ptr(), out.data_ptr(), 0 if ctx.y_rot is None else ctx.y_rot.data_ptr(), n_rows, in_f,
-                out_features, _kernel_pairs(plan), a.data_ptr(), k, sc.data_ptr(),
-                0 if b is None else b.data_ptr(), _tile_width(n_rows, plan.d, xc.element_size(), 1),
-                _kernel_threads(n_rows, k), int(dt == torch.float64))
-            ctx.save_for_backward(xc, angles, scale, bias)
-            return out
-        coef = _c_coefficients(plan, rot, _compute_dtype(x.dtype))
-        y_rot = _c_forward(_pad_input(x, scale, out_features, plan.d), rot, plan, False, coef)
-        out = _finish_output(y_rot, scale, bias, x.shape[1], out_features)
-        if out is y_rot:  # the output must not alias the saved rotated state
-            out = y_rot.clone()
-        ctx.save_for_backward(x, angles, scale, bias)
-        ctx.y_rot = y_rot
-        ctx.coef = coef
-        return out
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, angles, scale, bias = ctx.saved_tensors
-        y_rot, plan, out_features, gain = ctx.y_rot, ctx.plan, ctx.out_features, ctx.gain
-        if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
-            inputs = (x, angles, scale, bias)
-            want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
-            result: list[torch.Tensor | None] = [None] * 4
-            with torch.enable_grad():
-                # A recorded walk over the batch costs many graph nodes per layer of rotations; when the batch is
-                # at least n rows (TRPO's Hessian-vector products over a whole rollout) the recorded graph is the
-                # weight as a product of the plan's layer matrices (a few batched GEMMs) plus one GEMM.
-                rot = angles if gain == 1.0 else angles * gain
-                if x.shape[0] >= plan.d:
-                    out = F.linear(x, _weight_from_matrix(_layered_matrix(plan, rot), scale, x.shape[1],
-                                                          out_features), bias)
-                else:
-                    out = _kama_linear_reference(x, rot, scale, bias, plan, out_features)
-                if want:
-                    grads = torch.autograd.grad(out, [inputs[i] for i in want], g, create_graph=True,
-                                                allow_unused=True)
-                    for i, gr in zip(want, grads, strict=True):
-                        result[i] = gr
-            return (*result, None, None, None)
-        if ctx.fused:
-            dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-            rot = angles if gain == 1.0 else angles.detach() * gain
-            gc, a, sc = _as(g, dt), _as(rot, dt), _as(scale, dt)
-            gx = torch.empty(n_rows, in_f, dtype=dt)
-            ga = torch.empty(k, dtype=dt)
-            gs = torch.empty(sc.shape[0], dtype=dt)
-            gb = torch.empty(out_features, dtype=dt) if bias is not None else None
-            _givens._cgivens.linear_backward(
-                gc.data_ptr(), y_rot.data_ptr(), x.data_ptr(), gx.data_ptr(), ga.data_ptr(), gs.data_ptr(),
-                0 if gb is None else gb.data_ptr(), n_rows, in_f, out_features, _kernel_pairs(plan),
-                a.data_ptr(), k, sc.data_ptr(), _tile_width(n_rows, plan.d, gc.element_size(), 2),
-                _kernel_threads(n_rows, k), int(dt == torch.float64))
-            need = ctx.needs_input_grad
-            if gain != 1.0:
-                ga = ga * gain
-            return (gx if need[0] else None, ga if need[1] else None, gs if need[2] else None,
-                    gb if need[3] else None, None, None, None)
-        n, in_features = plan.d, x.shape[1]
-        gb = g.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
-        if out_features <= in_features:
-            gs = (g * y_rot[:, :out_features]).sum(0)
-            g_rot = g * scale
-            if out_features < n:
-                g_rot = F.pad(g_rot, (0, n - out_features))
-        else:
-            g_rot = g
-        rot = angles if gain == 1.0 else angles.detach() * gain
-        g_xp, ga = _c_backward(y_rot, g_rot, rot, plan, False, ctx.coef)
-        if gain != 1.0:
-            ga = ga * gain
-        if out_features > in_features:
-            g_in = g_xp[:, :in_features]
-            gs = (g_in * x).sum(0)
-            gx = g_in * scale
-        else:
-            gx = g_xp
-        return gx, ga, gs, gb, None, None, None
+        self._planes.propose(self, x, grad_output)
+        return self._planes.apply_pending(self)
 
 
 class ToeplitzLinear(nn.Module):
@@ -721,6 +455,10 @@ class ToeplitzLinear(nn.Module):
         """Materialized weight (see :meth:`to_dense`)."""
         return self.to_dense()
 
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function (see :meth:`KamaLinear.to_linear`)."""
+        return _linear_like(self, self.to_dense())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -734,3 +472,42 @@ class ToeplitzLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _linear_like(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    bias = layer.bias
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.train(layer.training)
+    return lin
+
+
+def to_linear(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` with every :class:`KamaLinear` and :class:`ToeplitzLinear` replaced by the ``nn.Linear`` of the
+    same function (:meth:`KamaLinear.to_linear`): for deployment, ONNX export or tools that expect dense layers.
+    A copy unless ``inplace``; a structured layer passed itself is converted too.
+
+    Example:
+        >>> net = nn.Sequential(KamaLinear(4, 8), nn.Tanh(), ToeplitzLinear(8, 2))
+        >>> dense = to_linear(net)
+        >>> [type(m).__name__ for m in dense], type(net[0]).__name__
+        (['Linear', 'Tanh', 'Linear'], 'KamaLinear')
+    """
+    if isinstance(model, KamaLinear | ToeplitzLinear):
+        return model.to_linear()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, KamaLinear | ToeplitzLinear):
+            setattr(model, name, child.to_linear())
+        else:
+            to_linear(child, inplace=True)
+    return model

@@ -1,5 +1,5 @@
 // Driver of the CPU emulation: reads the problem from DIR, runs one kernel over all blocks, writes the result.
-// usage: harness fwd|bwd n d k depth n_tiles grid reverse dir
+// usage: harness fwd|bwd n d k depth n_tiles grid transpose dir
 #include "prelude.h"
 #include "kernel.cu"
 template <class T> std::vector<T> rd(const char* dir, const char* name, size_t cnt) {
@@ -13,7 +13,7 @@ template <class T> void wr(const char* dir, const char* name, const std::vector<
 int main(int argc, char** argv) {
     bool fwd = !strcmp(argv[1], "fwd");
     int n = atoi(argv[2]), d = atoi(argv[3]), k = atoi(argv[4]), depth = atoi(argv[5]), n_tiles = atoi(argv[6]),
-        grid = atoi(argv[7]), reverse = atoi(argv[8]); const char* dir = argv[9];
+        grid = atoi(argv[7]), transpose = atoi(argv[8]); const char* dir = argv[9];
     g_G = G;
     auto x = rd<io_t>(dir, "x.bin", (size_t)n * d);
     auto ij = rd<int2>(dir, "ij.bin", k); auto cs = rd<vec2_t>(dir, "cs.bin", k);
@@ -30,8 +30,8 @@ int main(int argc, char** argv) {
         std::vector<std::thread> th;
         for (int t = 0; t < NT; ++t) th.emplace_back([&, t] {
             threadIdx.x = t;
-            if (fwd) kama_fwd(x.data(), y.data(), ij.data(), cs.data(), off.data(), n, d, depth, n_tiles, d, d, reverse);
-            else kama_bwd(x.data(), gy.data(), gx.data(), gpart.data(), ij.data(), cs.data(), off.data(), n, d, k, depth, n_tiles, d, d, d, reverse);
+            if (fwd) kama_fwd(x.data(), y.data(), ij.data(), cs.data(), off.data(), n, d, depth, n_tiles, d, d, transpose);
+            else kama_bwd(x.data(), gy.data(), gx.data(), gpart.data(), ij.data(), cs.data(), off.data(), n, d, k, depth, n_tiles, d, d, d, transpose);
         });
         for (auto& t : th) t.join();
     }

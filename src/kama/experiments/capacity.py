@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from scipy import stats
 
-from ..givens import givens_matrix, random_angles, random_pairs
+from ..ops import givens_matrix, random_angles, random_pairs
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import log_xticks, pyplot
 

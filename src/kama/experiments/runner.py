@@ -19,10 +19,10 @@ __all__ = ["reproduce", "load_experiments"]
 
 def load_experiments() -> dict[str, Any]:
     """Import the experiment modules (each registers itself) and return the registry."""
-    from . import capacity, digits, kernels, manifold  # noqa: F401
+    from . import capacity, digits, kernel_approx, rotations  # noqa: F401
 
     try:  # the RL experiment needs the rl extra (stable-baselines3, sb3-contrib, gymnasium[mujoco])
-        from . import es, rl  # noqa: F401
+        from . import evolution, rl_policies  # noqa: F401
     except ImportError:  # pragma: no cover - without the rl extra
         pass
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ._checks import env_int
+from .._checks import env_int
 
 __all__ = ["available", "interpreting", "forward", "backward", "tile_rows"]
 
@@ -61,7 +61,7 @@ def import_error() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> tuple[Any, Any]:
-    from kama import _triton_kernels as kern
+    from kama.ops import gpu_triton_kernels as kern
 
     return kern.givens_fwd, kern.givens_bwd
 
@@ -100,9 +100,10 @@ def _bd(d: int) -> int:
 
 
 def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
-            offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype) -> torch.Tensor:
+            offsets: torch.Tensor, depth: int, transpose: bool, cdtype: torch.dtype) -> torch.Tensor:
     """Rotate the rows of the 2-D ``x``; ``ii, jj, c, s`` hold the rotations sorted by layer (layer ``l`` at
-    ``offsets[l]:offsets[l+1]``) and are applied last layer first when ``reverse`` (``x M^T``). ``x`` may be
+    ``offsets[l]:offsets[l+1]``) and are applied last layer first unless ``transpose`` (``x M^T``; ``x M`` with
+    ``transpose``). ``x`` may be
     strided along rows; its last dimension must be contiguous."""
     n, d = x.shape
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
@@ -113,15 +114,15 @@ def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor
     scratch = torch.empty(progs * d * bb, dtype=cdtype, device=x.device)
     fwd, _ = _kernels()
     fwd[(progs,)](x, y, scratch, ii, jj, c, s, offsets, n, d, depth, n_tiles, x.stride(0), y.stride(0),
-                  REVERSE=bool(reverse), BB=bb, BD=_bd(d), BM=bm, num_warps=4, num_stages=1)
+                  TRANSPOSE=bool(transpose), BB=bb, BD=_bd(d), BM=bm, num_warps=4, num_stages=1)
     return y
 
 
 def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor,
-             s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool,
+             s: torch.Tensor, offsets: torch.Tensor, depth: int, transpose: bool,
              cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients from the saved output ``y`` and ``gy``: ``(gx, dL/d applied angle)`` with the angle gradient in
-    the same (layer-sorted) order as ``ii``; the forward ran with ``reverse``. The caller handles an empty batch
+    the same (layer-sorted) order as ``ii``; the forward ran with ``transpose``. The caller handles an empty batch
     or plan."""
     n, d = y.shape
     k = int(ii.shape[0])
@@ -133,5 +134,5 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
     _, bwd = _kernels()
     bwd[(progs,)](y, gy, gx, gpart, scratch, ii, jj, c, s, offsets, n, d, k, depth, n_tiles,
                   y.stride(0), gy.stride(0), gx.stride(0),
-                  REVERSE=bool(reverse), BB=bb, BD=_bd(d), BM=bm, num_warps=4, num_stages=1)
+                  TRANSPOSE=bool(transpose), BB=bb, BD=_bd(d), BM=bm, num_warps=4, num_stages=1)
     return gx, gpart.to(torch.float64).sum(0)

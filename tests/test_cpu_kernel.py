@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import kama
-from kama import givens
+from kama.ops import cpu, dispatch
+from kama.ops.plans import GivensPlan, as_plan
 
-needs_kernel = pytest.mark.skipif(not givens.cpu_kernel_available(), reason="compiled kernel not built")
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="compiled kernel not built")
+C = cpu._cgivens
 
 
 def _problem(d=37, k=400, n=300, dtype=torch.float32, seed=0):
@@ -28,7 +30,7 @@ def _problem(d=37, k=400, n=300, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("budget", [4096, 524288])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_every_tile_width_matches_reference(monkeypatch, n, budget, transpose):
-    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", budget)
+    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", budget)
     pairs, angles, x = _problem(n=n, dtype=torch.float64)
     a1 = angles.clone().requires_grad_(True)
     a2 = angles.clone().requires_grad_(True)
@@ -52,16 +54,17 @@ def test_threads_and_thread_pools_agree():
         outs = []
         for threads, openmp in ((1, True), (2, True), (2, False)):
             torch.set_num_threads(threads)
+            cpu._module()  # threads set up on first use
             if not openmp:
-                givens._cgivens.set_openmp(0, 0, 0)
+                assert C.use_openmp(None) is False
             a = angles.clone().requires_grad_(True)
             y = kama.givens_apply(x, pairs, a, backend="cpu")
             y.pow(2).sum().backward()
             outs.append((y.detach(), a.grad))
-            givens._use_torch_openmp()
+            cpu._OPENMP = None  # set up again on the next use
     finally:
         torch.set_num_threads(old)
-        givens._use_torch_openmp()
+        cpu._OPENMP = None
     for y, g in outs[1:]:
         assert torch.equal(y, outs[0][0])  # tiles are independent: bit-identical outputs
         torch.testing.assert_close(g, outs[0][1], rtol=1e-5, atol=1e-3)  # reduction order differs
@@ -80,11 +83,10 @@ def test_16bit_through_the_kernel(dtype):
 @needs_kernel
 def test_kernel_rejects_bad_indices_and_sizes_itself():
     """Pairs reach the kernels only through make_pairs, which validates them once (vectorized: a bad pair deep
-    inside a long plan, in the SIMD body rather than the remainder, is caught too); calls check their sizes and
-    that the pairs were made for them."""
+    inside a long plan, in the SIMD body rather than the remainder, is caught too); calls check every tensor's
+    dtype, device, contiguity and size, and that the pairs were made for them."""
     def make(ij, d):
-        ij = torch.as_tensor(ij, dtype=torch.int32).reshape(-1, 2).contiguous()
-        return givens._cgivens.make_pairs(ij.data_ptr(), ij.shape[0], d)
+        return C.make_pairs(torch.as_tensor(ij, dtype=torch.int32).reshape(-1, 2).contiguous(), d)
 
     for pair in ([0, 3], [-1, 1], [1, 1]):
         with pytest.raises(ValueError, match="pairs must lie in"):
@@ -97,46 +99,110 @@ def test_kernel_rejects_bad_indices_and_sizes_itself():
         ij[where] = torch.tensor(pair, dtype=torch.int32)
         with pytest.raises(ValueError, match="pairs must lie in"):
             make(ij, d)
-    with pytest.raises(ValueError, match="invalid sizes: k=-1"):
-        givens._cgivens.make_pairs(base.data_ptr(), -1, d)
-    with pytest.raises(ValueError, match="invalid sizes: k=1 d=0"):
-        givens._cgivens.make_pairs(base.data_ptr(), 1, 0)
+    with pytest.raises(TypeError, match="pairs must have dtype torch.int32"):
+        C.make_pairs(base.long(), d)
+    with pytest.raises(ValueError, match="invalid sizes: d=0"):
+        C.make_pairs(base, 0)
+    with pytest.raises(TypeError, match="pairs must be a torch.Tensor"):
+        C.make_pairs([0, 1], d)
     x = torch.randn(4, 3)
     y = torch.empty_like(x)
     cs = torch.tensor([[1.0, 0.0]]).repeat(k, 1)
     good = make(base, d)  # all valid: no error
     base[5] = 7  # the capsule holds its own copy: later writes to the source do not reach the kernel
-    givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, good, cs.data_ptr(), k, 4, 1, 0, 0)
+    C.forward(x, y, good, cs, 4, d, 4, 1, False)
     torch.testing.assert_close(y, x)
     for tile in (4, 1):  # the tiled walk and the row walk
-        with pytest.raises(ValueError, match="pairs were made for k=203, d=3, not k=5, d=3"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, good, cs.data_ptr(), 5, tile, 1, 0, 0)
-        with pytest.raises(ValueError, match="pairs were made for k=203, d=3, not k=203, d=4"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 1, 4, good, cs.data_ptr(), k, tile, 1, 0, 0)
+        with pytest.raises(ValueError, match="cs has 406 elements, the call needs 10"):
+            C.forward(x, y, make(base[:5] * 0 + torch.tensor([0, 1], dtype=torch.int32), d), cs, 4, d, tile, 1,
+                      False)
+        with pytest.raises(ValueError, match="pairs were made for d=3, not d=4"):
+            C.forward(x, y, good, cs, 3, 4, tile, 1, False)
         with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
-            givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, d, base.data_ptr(), cs.data_ptr(), k, tile, 1, 0,
-                                    0)
+            C.forward(x, y, base, cs, 4, d, tile, 1, False)
+        with pytest.raises(ValueError, match="y has 12 elements, the call needs 15"):
+            C.forward(torch.randn(5, 3), y, good, cs, 5, d, tile, 1, False)
     g = torch.zeros(1, k, dtype=torch.float64)
     with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
-        givens._cgivens.backward(y.data_ptr(), x.data_ptr(), y.data_ptr(), g.data_ptr(), 4, 3, None, cs.data_ptr(),
-                                 k, 4, 1, 0, 0)
+        C.backward(y, x, y, g, None, cs, 4, 3, 4, 1, False)
     with pytest.raises(ValueError, match="invalid sizes"):
-        givens._cgivens.forward(x.data_ptr(), y.data_ptr(), 4, 3, good, cs.data_ptr(), k, 3, 1, 0, 0)
+        C.forward(x, y, good, cs, 4, 3, 3, 1, False)
     with pytest.raises(ValueError, match="invalid sizes"):
-        givens._cgivens.backward(x.data_ptr(), x.data_ptr(), y.data_ptr(), y.data_ptr(), -1, 3, good, cs.data_ptr(),
-                                 k, 4, 1, 0, 0)
+        C.backward(x, x, y, y, good, cs, -1, 3, 4, 1, False)
+    with pytest.raises(ValueError, match="gacc has 203 elements, the call needs 406"):
+        C.backward(x, x, y, g, good, cs, 4, 3, 4, 2, False)
+    with pytest.raises(TypeError, match="gacc must have dtype torch.float64"):
+        C.backward(x, x, y, g.float(), good, cs, 4, 3, 4, 1, False)
+    with pytest.raises(TypeError, match="y must have dtype torch.float32"):
+        C.forward(x, y.double(), good, cs, 4, d, 4, 1, False)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        C.forward(torch.randn(3, 4).t(), y, good, cs, 4, d, 4, 1, False)
+    with pytest.raises(ValueError, match="x must be a CPU tensor"):
+        C.forward(x.to("meta"), y, good, cs, 4, d, 4, 1, False)
+    with pytest.raises(TypeError, match="x must have dtype torch.float32 or torch.float64"):
+        C.forward(x.long(), y, good, cs, 4, d, 4, 1, False)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        C.forward(x, y.numpy(), good, cs, 4, d, 4, 1, False)
+    with pytest.raises(ValueError, match="scale has 2 elements, the call needs 3"):
+        C.forward(x, y, good, cs, 4, d, 4, 1, False, torch.ones(2))
+
+
+OUT_OF_BOUNDS_PROBE = """
+import sys, torch
+from kama.ops import cpu
+C = cpu._cgivens
+d, k = 64, 10
+pairs = C.make_pairs(torch.tensor([[0, 63]] * k, dtype=torch.int32), d)
+cs = torch.zeros(k, 2)
+big = torch.randn(4096, d)
+calls = {
+    "forward: y too short": lambda: C.forward(big, torch.empty(1, d), pairs, cs, 4096, d, 128, 1, False),
+    "forward: rows claimed beyond x": lambda: C.forward(torch.randn(2, d), torch.empty(4096, d), pairs, cs, 4096, d,
+                                                        128, 1, False),
+    "backward: gx too short": lambda: C.backward(big, big, torch.empty(3), torch.zeros(1, k, dtype=torch.float64),
+                                                 pairs, cs, 4096, d, 32, 1, False),
+    "linear_forward: out too short": lambda: C.linear_forward(big, torch.empty(2), None, pairs, torch.zeros(k),
+                                                               torch.ones(d), None, 4096, d, d, 128, 1),
+    "linear_backward: ga too short": lambda: C.linear_backward(big, big, big, big, torch.empty(1), torch.ones(d),
+                                                                None, pairs, torch.zeros(k), torch.ones(d), 4096, d,
+                                                                d, 32, 1),
+    "cos_sin: cs too short": lambda: C.cos_sin(torch.zeros(10_000), torch.empty(3, 2)),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except (ValueError, TypeError) as e:
+        print(name, "->", type(e).__name__, e)
+    else:
+        print(name, "-> no error")
+        sys.exit(1)
+"""
+
+
+@needs_kernel
+def test_wrong_lengths_are_python_errors_never_writes_out_of_bounds(tmp_path):
+    """Each call would write (or read) far past a too-small buffer if the sizes were not checked; in a child
+    process, so a crash fails the test instead of the session."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_BOUNDS_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("-> ValueError") == 6, proc.stdout
 
 
 def test_plans_pickle_without_their_kernel_caches():
     import copy
     import pickle
 
-    pairs, angles, x = _problem(d=16, k=givens.COEF_CACHE_MIN_ROTATIONS, n=2)
-    plan = givens.GivensPlan(pairs, 16)
+    pairs, angles, x = _problem(d=16, k=cpu.COEF_CACHE_MIN_ROTATIONS, n=2)
+    plan = GivensPlan(pairs, 16)
     y = kama.givens_apply(x, plan, angles)  # builds the kernel's pairs and the coefficient cache
+    assert plan.caches.kernel_pairs is not None and plan.caches.coefficients is not None
     for clone in (pickle.loads(pickle.dumps(plan)), copy.deepcopy(plan)):
-        assert "_kernel_pairs" not in clone.__dict__ and "_coef_cache" not in clone.__dict__
+        assert clone.caches.kernel_pairs is None and clone.caches.coefficients is None and not clone.caches.devices
         torch.testing.assert_close(kama.givens_apply(x, clone, angles), y)
+    assert set(plan.__getstate__()) == {"d", "pairs"}
 
 
 def test_cpu_backend_needs_cpu_tensors():
@@ -148,29 +214,29 @@ def test_cpu_backend_needs_cpu_tensors():
 def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
     pairs, angles, x = _problem()
     expected = kama.givens_apply(x, pairs, angles, backend="reference")
-    monkeypatch.setattr(givens, "_cgivens", None)
-    monkeypatch.setattr(givens, "_CGIVENS_ERROR", ImportError("simulated"))
-    monkeypatch.setattr(givens, "_WARNED_NO_KERNEL", False)
+    monkeypatch.setattr(cpu, "_cgivens", None)
+    monkeypatch.setattr(cpu, "KERNEL_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(cpu, "_WARNED", False)
     with pytest.warns(RuntimeWarning, match="compiled CPU kernel could not be loaded"):
         y = kama.givens_apply(x, pairs, angles, backend="cpu")
     torch.testing.assert_close(y, expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kama.givens_apply(x, pairs, angles, backend="cpu")  # warned once only
-        assert givens.choose_backend(10, 37, givens.as_plan(pairs, 37)) == "reference"
-    assert not givens.cpu_kernel_available()
+        assert dispatch.choose_backend(10, 37, as_plan(pairs, 37)) == "reference"
+    assert not kama.ops.cpu_kernel_available()
 
 
 def test_tile_width_rule(monkeypatch):
-    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", 512 * 1024)
-    assert givens._tile_width(1, 1024, 4, 1) == 1
-    assert givens._tile_width(5, 1024, 4, 1) == 8
-    assert givens._tile_width(64, 64, 4, 2) == 64
-    assert givens._tile_width(300, 1024, 4, 1) == 128
-    assert givens._tile_width(300, 1024, 4, 2) == 64
-    assert givens._tile_width(300, 4096, 8, 2) == 32
-    assert givens._tile_width(300, 4096, 4, 1) == 64  # a forward keeps 64 columns
-    assert givens._tile_width(300, 16384, 4, 1) == 64
+    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", 512 * 1024)
+    assert cpu.tile_width(1, 1024, 4, 1) == 1
+    assert cpu.tile_width(5, 1024, 4, 1) == 8
+    assert cpu.tile_width(64, 64, 4, 2) == 64
+    assert cpu.tile_width(300, 1024, 4, 1) == 128
+    assert cpu.tile_width(300, 1024, 4, 2) == 64
+    assert cpu.tile_width(300, 4096, 8, 2) == 32
+    assert cpu.tile_width(300, 4096, 4, 1) == 64  # a forward keeps 64 columns
+    assert cpu.tile_width(300, 16384, 4, 1) == 64
 
 
 @needs_kernel
@@ -185,14 +251,14 @@ def test_row_walk_matches_reference(k, dtype, transpose):
     strided = x.t()[:, 1:2].t()  # (1, 11) with a column stride of 3
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
     for v in (row, strided):
-        assert givens._tile_width(v.shape[0], 11, v.element_size(), 1) == 1
+        assert cpu.tile_width(v.shape[0], 11, v.element_size(), 1) == 1
         with torch.no_grad():
             got = kama.givens_apply(v, pairs, angles, backend="cpu", transpose=transpose)
         ref = kama.givens_apply(v, pairs, angles, backend="reference", transpose=transpose)
         torch.testing.assert_close(got, ref, **tol)
     scale = torch.linspace(0.5, 2.0, 11, dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(givens.givens_apply_scaled(row, pairs, angles, scale),
+        torch.testing.assert_close(kama.ops.givens_apply_scaled(row, pairs, angles, scale),
                                    kama.givens_apply(row, pairs, angles, backend="reference") * scale, **tol)
 
 
@@ -201,13 +267,13 @@ def test_scaled_apply_matches_composition():
     scale = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
     ref = kama.givens_apply(x, pairs, angles, backend="reference") * scale
     with torch.no_grad():
-        torch.testing.assert_close(givens.givens_apply_scaled(x, pairs, angles, scale), ref)
+        torch.testing.assert_close(kama.ops.givens_apply_scaled(x, pairs, angles, scale), ref)
     xg = x.clone().requires_grad_(True)
-    out = givens.givens_apply_scaled(xg, pairs, angles, scale)  # with gradients: the plain composition
+    out = kama.ops.givens_apply_scaled(xg, pairs, angles, scale)  # with gradients: the plain composition
     torch.testing.assert_close(out, ref)
     out.sum().backward()
     assert xg.grad is not None
-    torch.testing.assert_close(givens.givens_apply_scaled(x[None], pairs, angles, scale)[0], ref)
+    torch.testing.assert_close(kama.ops.givens_apply_scaled(x[None], pairs, angles, scale)[0], ref)
 
 
 @needs_kernel
@@ -215,9 +281,9 @@ def test_scaled_apply_matches_composition():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_kama_linear_matches_the_unfused_composition(monkeypatch, shape, bias, dtype):
-    from kama.nn import _kama_linear_reference, _KamaLinearFunction
+    from kama.ops.linear import _KamaLinearFunction, reference_linear
 
-    monkeypatch.setattr(givens, "TILE_BUDGET_BYTES", 1024)  # several tiles per call
+    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", 1024)  # several tiles per call
     i, o = shape
     layer = kama.KamaLinear(i, o, bias=bias, num_rotations=40, dtype=dtype,
                             generator=torch.Generator().manual_seed(0))
@@ -232,7 +298,7 @@ def test_fused_kama_linear_matches_the_unfused_composition(monkeypatch, shape, b
             for n in (0, 1, 33, 200):
                 x = torch.randn(n, i, dtype=dtype, generator=torch.Generator().manual_seed(n), requires_grad=True)
                 y = _KamaLinearFunction.apply(x, layer.angles, layer.scale, layer.bias, layer._plan(), o)
-                ref = _kama_linear_reference(x, layer.angles, layer.scale, layer.bias, layer._plan(), o)
+                ref = reference_linear(x, layer.angles, layer.scale, layer.bias, layer._plan(), o)
                 torch.testing.assert_close(y, ref, atol=t, rtol=t)
                 w = torch.randn_like(ref)
                 g1 = torch.autograd.grad((y * w).sum(), [x, *params], allow_unused=True)
@@ -260,25 +326,28 @@ def test_fused_kama_linear_gradcheck_widening_without_bias():
 @needs_kernel
 def test_fused_kernel_rejects_bad_sizes_itself():
     x = torch.randn(4, 3)
-    p = x.data_ptr()
-    ij = torch.tensor([[0, 1]], dtype=torch.int32)
-    ok = givens._cgivens.make_pairs(ij.data_ptr(), 1, 3)
+    ok = C.make_pairs(torch.tensor([[0, 1]], dtype=torch.int32), 3)
+    a, s3 = torch.zeros(1), torch.ones(3)
     with pytest.raises(ValueError, match="invalid sizes: in_f=0"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 0, 3, ok, p, 1, p, 0, 4, 1, 0)
+        C.linear_forward(x, x, None, ok, a, s3, None, 4, 0, 3, 4, 1)
     with pytest.raises(ValueError, match="invalid sizes: in_f=3 out_f=0"):
-        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 0, ok, p, 1, p, 4, 1, 0)
-    with pytest.raises(ValueError, match="pairs were made for k=1, d=3, not k=1, d=4"):
-        givens._cgivens.linear_forward(p, p, 0, 4, 4, 3, ok, p, 1, p, 0, 4, 1, 0)
+        C.linear_backward(x, x, x, x, a, s3, None, ok, a, s3, 4, 3, 0, 4, 1)
+    with pytest.raises(ValueError, match="pairs were made for d=3, not d=4"):
+        C.linear_forward(x, x, None, ok, a, s3, None, 4, 4, 3, 4, 1)
     with pytest.raises(TypeError, match="capsule from _cgivens.make_pairs"):
-        givens._cgivens.linear_backward(p, p, p, p, p, p, 0, 4, 3, 3, ij.data_ptr(), p, 1, p, 4, 1, 0)
-    with pytest.raises(ValueError, match="invalid sizes: k=-1"):
-        givens._cgivens.cos_sin(p, p, -1, 0)
-    with pytest.raises(ValueError, match="invalid sizes: nbytes=-1"):
-        givens._cgivens.same_bytes(p, p, -1)
+        C.linear_backward(x, x, x, x, a, s3, None, x, a, s3, 4, 3, 3, 4, 1)
+    with pytest.raises(ValueError, match="ysave has 12 elements, the call needs 16"):
+        C.linear_forward(torch.randn(4, 4), torch.empty(4, 3), x, C.make_pairs(torch.tensor([[0, 1]],
+                         dtype=torch.int32), 4), a, s3, None, 4, 4, 3, 4, 1)
+    with pytest.raises(ValueError, match="bias has 2 elements, the call needs 3"):
+        C.linear_forward(x, torch.empty(4, 3), None, ok, a, s3, torch.zeros(2), 4, 3, 3, 4, 1)
+    with pytest.raises(ValueError, match="cs has 2 elements, the call needs 4"):
+        C.cos_sin(torch.zeros(2), torch.empty(2))
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])
-    assert givens._cgivens.same_bytes(a.data_ptr(), a.clone().data_ptr(), 8)
-    assert not givens._cgivens.same_bytes(a.data_ptr(), b.data_ptr(), 8)
-    assert givens._cgivens.same_bytes(a.data_ptr(), b.data_ptr(), 4)  # only the first float compared
+    assert C.same_bytes(a, a.clone())
+    assert not C.same_bytes(a, b)
+    assert not C.same_bytes(a, a[:1].clone())  # another size: not the same bytes
+    assert not C.same_bytes(a, a.double())
 
 
 @needs_kernel
@@ -291,7 +360,7 @@ def test_kernel_cos_sin_is_accurate_everywhere(dtype):
                    torch.tensor([0.0, -0.0, 1e-300, math.pi / 4, math.pi / 2, 3 * math.pi / 2, -math.pi, 1e5, -2e6,
                                  1e300, math.nan, math.inf, -math.inf], dtype=torch.float64)]).to(dtype)
     cs = torch.empty(a.numel(), 2, dtype=dtype)
-    givens._cgivens.cos_sin(a.data_ptr(), cs.data_ptr(), a.numel(), int(dtype == torch.float64))
+    C.cos_sin(a, cs)
     c, s = cs.unbind(1)
     finite = torch.isfinite(a)
     eps = torch.finfo(dtype).eps
@@ -302,13 +371,13 @@ def test_kernel_cos_sin_is_accurate_everywhere(dtype):
 
 @needs_kernel
 def test_large_plans_reuse_coefficients_only_while_the_angles_keep_their_values():
-    d, k = 64, givens.COEF_CACHE_MIN_ROTATIONS
+    d, k = 64, cpu.COEF_CACHE_MIN_ROTATIONS
     pairs, angles, x = _problem(d=d, k=k, n=3, dtype=torch.float64)
-    plan = givens.as_plan(pairs, d)
+    plan = as_plan(pairs, d)
     first = kama.givens_apply(x, plan, angles, backend="cpu")
-    cached = plan._coef_cache
+    cached = plan.caches.coefficients
     torch.testing.assert_close(kama.givens_apply(x, plan, angles, backend="cpu"), first)
-    assert plan._coef_cache is cached  # same values: reused
+    assert plan.caches.coefficients is cached  # same values: reused
     with torch.no_grad():
         angles[5] += 0.25  # in place: same storage, new value
     again = kama.givens_apply(x, plan, angles, backend="cpu")

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from .base import Experiment, RunContext, check_fields, register, write_csv
-from .rl import LABEL, _plot_curves, read_returns
+from .plotting import plot_curves
+from .rl_policies import LABEL, read_returns
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def run(cfg: ESExperimentConfig, ctx: RunContext) -> str:
             rows += [{"architecture": arch, "seed": seed, "timesteps": t, "mean_return": y}
                      for t, y in zip(res["t"], res["y"], strict=True)]
     write_csv(ctx.out_dir / "es_returns.csv", rows)
-    _plot_curves(groups, ctx.out_dir / "es_curves.png", "ARS with compact policies (mean +/- std over seeds)",
+    plot_curves(groups, ctx.out_dir / "es_curves.png", "ARS with compact policies (mean +/- std over seeds)",
                  lambda k: LABEL[k[2]])
     lines = ["![ES curves](es/es_curves.png)", "", "| architecture | policy parameters | final return (mean +/- std) |",
              "|---|---|---|"]

@@ -10,7 +10,6 @@ the paper's study (MuJoCo v5 tasks, PPO and TRPO, five seeds, one million steps)
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 
 from .._checks import check_choice, check_int
 from .base import Experiment, RunContext, register, write_csv
-from .plotting import pyplot
+from .plotting import plot_curves
 
 LABEL = {"kama": "KAMA", "toeplitz": "Toeplitz", "mlp": "unstructured"}
 ARCH_ORDER = ("kama", "toeplitz", "mlp")
@@ -141,32 +140,6 @@ def _curves(runs: list[Any], folders: list[Path]) -> dict[tuple, list[tuple[np.n
     return groups
 
 
-def _plot_curves(groups: dict, path: Path, title: str, label_of) -> None:
-    plt = pyplot()
-    panels = sorted({(k[0], k[1]) for k in groups})
-    cols = min(3, len(panels))
-    nrow = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(max(5.2 * cols, 9.0), 4 * nrow), squeeze=False)
-    for ax, (task, algo) in zip(axes.flat, panels, strict=False):
-        for key in sorted(k for k in groups if k[:2] == (task, algo)):
-            curves = groups[key]
-            n = min(len(c[0]) for c in curves)
-            t = curves[0][0][:n]
-            ys = np.stack([c[1][:n] for c in curves])
-            mean, std = ys.mean(0), ys.std(0)
-            line = ax.plot(t, mean, label=f"{label_of(key)} ({len(curves)} seeds)")[0]
-            ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set(title=f"{task} ({algo.upper()})", xlabel="timesteps", ylabel="evaluation return")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(cfg: RLConfig, ctx: RunContext) -> str:
     from ..rl.study import load_study_config, run_study
 
@@ -209,7 +182,7 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     groups = _curves(runs, folders)
     default_k = {(r.env_id, r.algo): r.num_rotations for r in reversed(runs) if r.architecture == "kama"}
     main = {k: v for k, v in groups.items() if not k[4] and (k[2] != "kama" or k[3] == default_k.get(k[:2]))}
-    _plot_curves(main, out_dir / "learning_curves.png",
+    plot_curves(main, out_dir / "learning_curves.png",
                  "Figures 3-4: KAMA vs Toeplitz vs unstructured policies (mean +/- std over seeds)",
                  lambda k: _label(k[2]))
     extra = [f"![learning curves]({link_prefix}learning_curves.png)", ""]
@@ -220,11 +193,11 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
         extra += [f"- {line}" for line in damaged] + [""]
     abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
     if len({k[3] for k in abl}) > 1:
-        _plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
+        plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
         extra += [f"![K ablation]({link_prefix}k_ablation.png)", ""]
     pl = {k: v for k, v in groups.items() if k[2] == "kama"}
     if len({k[4] for k in pl}) > 1:
-        _plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
+        plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
                      lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}")
         extra += [f"![planes]({link_prefix}planes.png)", ""]
     finals = []

@@ -1,6 +1,6 @@
-"""Triton kernels behind :mod:`kama._triton` (imported on first use, after ``TRITON_INTERPRET`` is read).
+"""Triton kernels behind :mod:`kama.ops.gpu_triton` (imported on first use, after ``TRITON_INTERPRET`` is read).
 
-See :mod:`kama._triton` for the design. Shapes: ``x, y (n, d)`` row-major with unit column stride; ``ii, jj``
+See :mod:`kama.ops.gpu_triton` for the design. Shapes: ``x, y (n, d)`` row-major with unit column stride; ``ii, jj``
 int32 and ``cc, ss`` (compute dtype) of the ``k`` rotations sorted by ASAP layer; ``offsets (depth + 1,)``.
 """
 
@@ -32,12 +32,13 @@ def _store_tile(dst, base, rows, n_rows, stride, d, BB: tl.constexpr, BD: tl.con
                  mask=fmask[:, None] & rmask[None, :])
 
 @triton.jit
-def _layer_bounds(offsets, step, depth, BACKWARDS: tl.constexpr):
-    # Layer visited at ``step``: last layer first when BACKWARDS; its rotations sit at offsets[l]:offsets[l+1].
-    if BACKWARDS:
-        layer = depth - 1 - step
-    else:
+def _layer_bounds(offsets, step, depth, TRANSPOSE: tl.constexpr):
+    # Layer visited at ``step`` of a forward walk: last layer first for x M^T, first layer first for x M (TRANSPOSE);
+    # its rotations sit at offsets[l]:offsets[l+1].
+    if TRANSPOSE:
         layer = step
+    else:
+        layer = depth - 1 - step
     return tl.load(offsets + layer), tl.load(offsets + layer + 1)
 
 
@@ -55,7 +56,7 @@ def _pair_block(ii, jj, cc, ss, p0, hi, cols, BB: tl.constexpr, BM: tl.constexpr
 
 @triton.jit
 def givens_fwd(x, y, scratch, ii, jj, cc, ss, offsets, n_rows, d, depth, n_tiles, stride_x, stride_y,
-               REVERSE: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+               TRANSPOSE: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BB)
@@ -65,7 +66,7 @@ def givens_fwd(x, y, scratch, ii, jj, cc, ss, offsets, n_rows, d, depth, n_tiles
         _load_tile(x, base, rows, n_rows, stride_x, d, BB, BD)
         tl.debug_barrier()
         for step in range(0, depth):
-            lo, hi = _layer_bounds(offsets, step, depth, REVERSE)
+            lo, hi = _layer_bounds(offsets, step, depth, TRANSPOSE)
             for p0 in range(lo, hi, BM):
                 _, pm, oi, oj, c, s = _pair_block(ii, jj, cc, ss, p0, hi, cols, BB, BM)
                 pi = base + oi
@@ -81,8 +82,8 @@ def givens_fwd(x, y, scratch, ii, jj, cc, ss, offsets, n_rows, d, depth, n_tiles
 @triton.jit
 def givens_bwd(y, gy, gx, gpart, scratch, ii, jj, cc, ss, offsets, n_rows, d, k, depth, n_tiles,
                stride_y, stride_gy, stride_gx,
-               REVERSE: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
-    # REVERSE is the forward's direction; the backward walks the other way.
+               TRANSPOSE: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    # TRANSPOSE is the forward's direction; the backward walks the other way.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BB)
@@ -95,7 +96,7 @@ def givens_bwd(y, gy, gx, gpart, scratch, ii, jj, cc, ss, offsets, n_rows, d, k,
         _load_tile(gy, gbase, rows, n_rows, stride_gy, d, BB, BD)
         tl.debug_barrier()
         for step in range(0, depth):
-            lo, hi = _layer_bounds(offsets, depth - 1 - step, depth, REVERSE)  # the forward's order, reversed
+            lo, hi = _layer_bounds(offsets, depth - 1 - step, depth, TRANSPOSE)  # the forward's order, reversed
             for p0 in range(lo, hi, BM):
                 p, pm, oi, oj, c, s = _pair_block(ii, jj, cc, ss, p0, hi, cols, BB, BM)
                 vi = tl.load(vbase + oi, mask=pm[:, None], other=0.0)

@@ -1,6 +1,6 @@
 r"""CUDA C kernels for the Givens product, compiled at run time with NVRTC (no nvcc, no build step).
 
-Same contract as :mod:`kama._triton` (``forward`` / ``backward`` take the plan's layer-sorted rotations), and the
+Same contract as :mod:`kama.ops.gpu_triton` (``forward`` / ``backward`` take the plan's layer-sorted rotations), and the
 same arithmetic order per rotation, but the batch tile lives in **shared memory** instead of an L1-cached global
 scratch:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._checks import env_int
+from .._checks import env_int
 
 __all__ = ["CompileError", "available", "supports", "forward", "backward", "source", "tile_rows"]
 
@@ -110,17 +110,17 @@ __device__ __forceinline__ Layer fetch(const int2* __restrict__ ij, const vec2_t
 extern "C" __global__ void __launch_bounds__(NT) kama_fwd(
         const io_t* __restrict__ x, io_t* __restrict__ y, const int2* __restrict__ ij,
         const vec2_t* __restrict__ cs, const int* __restrict__ offsets,
-        int n, int d, int depth, int n_tiles, int stride_x, int stride_y, int reverse) {
+        int n, int d, int depth, int n_tiles, int stride_x, int stride_y, int transpose) {
     extern __shared__ __align__(16) unsigned char smem[];
     acc_t* tile = (acc_t*)smem;
     for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
         load_tile(tile, x, stride_x, t * BB, n, d);
         __syncthreads();
         Layer cur;
-        if (depth > 0) cur = fetch(ij, cs, offsets, reverse ? depth - 1 : 0);
+        if (depth > 0) cur = fetch(ij, cs, offsets, transpose ? 0 : depth - 1);
         for (int step = 0; step < depth; ++step) {
             Layer nxt = cur;
-            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, reverse ? depth - 2 - step : step + 1);
+            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, transpose ? step + 1 : depth - 2 - step);
             for (int u = threadIdx.x; u < cur.units; u += NT) {
                 int p = cur.lo + u / G, g = u % G;
                 int2 q = cur.q;
@@ -151,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
         const io_t* __restrict__ y, const io_t* __restrict__ gy, io_t* __restrict__ gx, acc_t* __restrict__ gpart,
         const int2* __restrict__ ij, const vec2_t* __restrict__ cs, const int* __restrict__ offsets, int n, int d,
         int k, int depth, int n_tiles,
-        int stride_y, int stride_gy, int stride_gx, int reverse) {
+        int stride_y, int stride_gy, int stride_gx, int transpose) {
     extern __shared__ __align__(16) unsigned char smem[];
     acc_t* vt = (acc_t*)smem;
     acc_t* gt = vt + (long long)d * BB;
@@ -161,10 +161,10 @@ extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
         load_tile(gt, gy, stride_gy, t * BB, n, d);
         __syncthreads();
         Layer cur;  // the forward's layers, reversed
-        if (depth > 0) cur = fetch(ij, cs, offsets, reverse ? 0 : depth - 1);
+        if (depth > 0) cur = fetch(ij, cs, offsets, transpose ? depth - 1 : 0);
         for (int step = 0; step < depth; ++step) {
             Layer nxt = cur;
-            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, reverse ? step + 1 : depth - 2 - step);
+            if (step + 1 < depth) nxt = fetch(ij, cs, offsets, transpose ? depth - 2 - step : step + 1);
             for (int u = threadIdx.x; u < cur.units; u += NT) {
                 int p = cur.lo + u / G, g = u % G;
                 int2 q = cur.q;
@@ -369,8 +369,8 @@ def _schedule(plan: Any, p: int, device: torch.device) -> tuple[Any, ...]:
     """``(ij, src, sign, offsets, valid)`` on ``device``, cached on the plan: the scheduled ``(i, j)`` (``-1`` for
     padding), the layer-sorted position of each slot (0 for padding), +1 / -1 / 0 (flipped / padding) by
     dtype (float32 and float64), the new layer offsets, and the slots that hold a rotation."""
-    key = ("cuda-banks", p, device)
-    hit = plan._device_cache.get(key)
+    banks = plan.caches.on(device).gpu_banks
+    hit = banks.get(p)
     if hit is None:
         ii, jj, offsets, _ = plan.sorted_pairs(torch.device("cpu"))
         src, flip, off = bank_groups(ii.tolist(), jj.tolist(), offsets.tolist(), p)
@@ -384,7 +384,7 @@ def _schedule(plan: Any, p: int, device: torch.device) -> tuple[Any, ...]:
         hit = (ij.to(torch.int32).contiguous().to(device), srct.to(device),
                {dt: sign.to(device, dt) for dt in (torch.float32, torch.float64)},
                torch.tensor(off, dtype=torch.int32, device=device), torch.nonzero(~pad).flatten().to(device))
-        plan._device_cache[key] = hit
+        banks[p] = hit
     return hit
 
 
@@ -411,8 +411,8 @@ def _phase_pairs(bb: int, cdtype: torch.dtype) -> int:
 
 
 def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
-            offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype, *, plan: Any) -> torch.Tensor:
-    """As :func:`kama._triton.forward` (the caller checked :func:`supports`), plus the ``plan`` whose
+            offsets: torch.Tensor, depth: int, transpose: bool, cdtype: torch.dtype, *, plan: Any) -> torch.Tensor:
+    """As :func:`kama.ops.gpu_triton.forward` (the caller checked :func:`supports`), plus the ``plan`` whose
     layer-sorted rotations ``ii, jj, c, s`` are: its bank-conflict-free schedule is cached on it."""
     x = _int32(x)
     n, d = x.shape
@@ -423,14 +423,14 @@ def forward(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor
     ij, cs, offs = _records(plan, c, s, _phase_pairs(bb, cdtype), x.device)[:3]
     kern = _kernel("kama_fwd", x.dtype, cdtype, bb, THREADS, smem)
     kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
-         args=[x, y, ij, cs, offs, n, d, depth, n_tiles, _stride(x), _stride(y), int(reverse)])
+         args=[x, y, ij, cs, offs, n, d, depth, n_tiles, _stride(x), _stride(y), int(transpose)])
     return y
 
 
 def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, c: torch.Tensor,
-             s: torch.Tensor, offsets: torch.Tensor, depth: int, reverse: bool, cdtype: torch.dtype, *,
+             s: torch.Tensor, offsets: torch.Tensor, depth: int, transpose: bool, cdtype: torch.dtype, *,
              plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`kama._triton.backward` (a non-empty batch and plan), plus the ``plan`` (see :func:`forward`)."""
+    """As :func:`kama.ops.gpu_triton.backward` (a non-empty batch and plan), plus the ``plan`` (see :func:`forward`)."""
     y, gy = _int32(y), _int32(gy)
     n, d = y.shape
     k = int(ii.shape[0])
@@ -442,7 +442,7 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
     kern = _kernel("kama_bwd", y.dtype, cdtype, bb, THREADS, smem)
     kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
          args=[y, gy, gx, gpart, ij, cs, offs, n, d, slots, depth, n_tiles, _stride(y), _stride(gy),
-               _stride(gx), int(reverse)])
+               _stride(gx), int(transpose)])
     g = gpart.to(torch.float64).sum(0) * sign.to(torch.float64)  # sign is exact (+1, -1, 0) in any dtype
     return gx, torch.zeros(k, dtype=torch.float64, device=y.device).index_copy_(
         0, src.index_select(0, valid), g.index_select(0, valid))

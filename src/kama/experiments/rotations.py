@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..givens import givens_matrix, random_angles, random_pairs
 from ..manifold import RULES, Brockett, Procrustes, givens_coordinate_descent
+from ..ops import givens_matrix, random_angles, random_pairs
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .capacity import haar_rotation
 from .plotting import log_xticks, pyplot

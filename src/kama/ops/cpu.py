@@ -1,0 +1,222 @@
+r"""Glue of the compiled CPU kernel ``kama._cgivens`` (plain C, built by ``setup.py``; the kernels' design is in
+``_cgivens.c`` and ``docs/``).
+
+The extension takes ``torch.Tensor`` objects and checks each one's dtype, device, contiguity and size against the
+call before touching its memory; plans hand it their pairs once, validated into a capsule it owns. This module
+chooses the tile width and the threads, keeps the cos / sin of large plans, and turns tensors into the
+contiguous float32 / float64 buffers the kernels read.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .._checks import env_int
+from .plans import CoefficientCache, GivensPlan
+from .reference import compute_dtype
+
+try:  # the optional compiled CPU kernel (built by setup.py)
+    from .. import _cgivens  # type: ignore[attr-defined]
+
+    KERNEL_ERROR: Exception | None = None
+except ImportError as _e:  # pragma: no cover - exercised by simulating the failure in tests
+    _cgivens = None
+    KERNEL_ERROR = _e
+
+__all__ = ["available", "tile_width", "kernel_threads", "coefficients", "forward", "backward", "linear_forward",
+           "linear_backward", "TILE_BUDGET_BYTES", "COEF_CACHE_MIN_ROTATIONS", "warn_unavailable"]
+
+_WARNED = False
+_OPENMP: bool | None = None  # whether the kernel's threads run on torch's OpenMP team (decided at first use)
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel ``kama._cgivens`` loaded."""
+    return _cgivens is not None
+
+
+def warn_unavailable() -> None:
+    """One warning (per process) that the pure-PyTorch path replaces the missing compiled kernel."""
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(f"kama: the compiled CPU kernel could not be loaded ({KERNEL_ERROR}); using the slower "
+                      "pure-PyTorch path. Reinstall with a C compiler available (pip install -e .) to build it.",
+                      RuntimeWarning, stacklevel=4)
+
+
+def _torch_libgomp() -> str | None:
+    """The path of the one libgomp this process loaded (torch's, when torch is built with OpenMP), else None."""
+    if not os.path.exists("/proc/self/maps") or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "libgomp" in line and line.strip().endswith(".so.1")}
+    return paths.pop() if len(paths) == 1 else None
+
+
+def _module() -> object:
+    """The extension, with its threads set up on first use: on torch's own OpenMP team where torch has one
+    (so they never compete with torch's spinning workers; ``KAMA_PTHREADS=1`` keeps pthreads), else pthreads."""
+    global _OPENMP
+    if _OPENMP is None:
+        path = None if os.environ.get("KAMA_PTHREADS") else _torch_libgomp()
+        _OPENMP = bool(_cgivens.use_openmp(path))
+    return _cgivens
+
+
+TILE_BUDGET_BYTES = env_int("KAMA_TILE_BYTES", 2 * 1024 * 1024, minimum=1024)
+"""Cache budget of the compiled kernel's tiles (environment ``KAMA_TILE_BYTES``, read at import)."""
+
+_TILE_WIDTHS: dict[tuple[int, int, int, int, int], int] = {}
+
+
+def tile_width(n_rows: int, d: int, itemsize: int, buffers: int) -> int:
+    """Batch columns per tile of the compiled kernel.
+
+    A power of two no wider than the batch needs (at most 128), narrowed while ``buffers`` tiles of ``d x T``
+    exceed :data:`TILE_BUDGET_BYTES` (default 2 MiB, twice this machine's L2), but not below 64 columns for a
+    one-buffer pass (forward) or 32 for a two-buffer pass (backward): narrower tiles leave too little SIMD work
+    per rotation (measured: 16 columns run at a quarter of the speed of 32-128 on this EPYC; at d = 4096 a
+    forward over 64-column tiles, 1 MiB each, is 20-25% faster than over 32-column ones). Tiles larger than
+    the L2 are walked with software prefetches of the rows a few rotations ahead (the C kernel decides), so
+    wider tiles pay: at d = 4096 a forward over 128 columns (2 MiB) runs at 41 GFLOP/s, over 64 at 33.
+    """
+    key = (n_rows, d, itemsize, buffers, TILE_BUDGET_BYTES)
+    t = _TILE_WIDTHS.get(key)
+    if t is None:
+        t = 1
+        while t < min(n_rows, 128):
+            t *= 2
+        floor = 64 if buffers == 1 else 32
+        while t > floor and buffers * d * t * itemsize > TILE_BUDGET_BYTES:
+            t //= 2
+        if len(_TILE_WIDTHS) > 4096:
+            _TILE_WIDTHS.clear()
+        _TILE_WIDTHS[key] = t
+    return t
+
+
+def kernel_threads(n_rows: int, k: int) -> int:
+    """Threads for the compiled kernel: torch's intra-op setting, one per ~1 MFLOP of work at least (threads
+    split tiles, so batches of at most one tile run on one thread anyway). Measured at d = 64, batch 256
+    (2 MFLOP): 18 us on one thread, 10.7 on two."""
+    work = 6.0 * k * n_rows
+    return max(1, min(torch.get_num_threads(), int(work // 1e6) or 1))
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, without a call when it already is (small calls: RL policies). The kernel
+    only reads its memory, so ``t`` may require gradients: no ``detach`` is needed."""
+    if t.dtype != dtype:
+        t = t.detach().to(dtype)
+    return t if t.is_contiguous() else t.detach().contiguous()
+
+
+COEF_CACHE_MIN_ROTATIONS = 1024
+"""Plans with at least this many rotations keep the cos/sin of the last angles they were applied with. Around
+the break-even: at k = 1331 recomputing takes 1.7 us, a hit 0.3 us, a miss (changed angles) 1.6 us more."""
+
+
+def kernel_pairs(plan: GivensPlan) -> object:
+    """The plan's pairs as the compiled kernel's capsule: validated once and copied into memory only the extension
+    reaches (built on first use), so kernel calls skip a per-call index check (1.7 us at k = 35k)."""
+    caches = plan.caches
+    if caches.kernel_pairs is None:
+        caches.kernel_pairs = _module().make_pairs(plan.pairs_view.to(torch.int32).contiguous(), plan.d)
+    return caches.kernel_pairs
+
+
+def coefficients(plan: GivensPlan, angles: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor:
+    """``(k, 2)`` cos / sin of the angles for the C kernels (the layout they read: one load per rotation in the
+    row walk), computed by the extension so that every C path (plain, scaled, fused KamaLinear) rounds them
+    identically.
+
+    Large plans reuse the coefficients of their last call while the angles keep their bytes (one ``memcmp``,
+    ~1/40 of recomputing them), which is most of a batch-1 forward at d >= 1024."""
+    a = as_dtype(angles, cdtype)
+    k = a.shape[0]
+    cache = k >= COEF_CACHE_MIN_ROTATIONS
+    if cache:
+        hit = plan.caches.coefficients
+        if hit is not None and hit.dtype == cdtype and _cgivens.same_bytes(hit.angles, a):
+            return hit.coefficients
+    cs = torch.empty(k, 2, dtype=cdtype)
+    _module().cos_sin(a, cs)
+    if cache:
+        plan.caches.coefficients = CoefficientCache(cdtype, a.detach().clone(), cs)
+    return cs
+
+
+def forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+            coef: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x M^T`` (``x M`` when ``transpose``) of a 2-D CPU batch, optionally times ``out_scale`` per output
+    coordinate; ``coef`` is :func:`coefficients`' output when the caller has it. One row walks without a tile
+    (the C side's row walk: tile width 1)."""
+    cdtype = compute_dtype(x.dtype)
+    scale = as_dtype(out_scale, cdtype) if out_scale is not None else None
+    xc = as_dtype(x, cdtype)
+    n, d = xc.shape
+    y = torch.empty(n, d, dtype=cdtype)
+    cs = coef if coef is not None else coefficients(plan, angles, cdtype)
+    k = plan.num_rotations
+    _module().forward(xc, y, kernel_pairs(plan), cs, n, d, tile_width(n, d, xc.element_size(), 1),
+                      kernel_threads(n, k), transpose, scale)
+    return y if cdtype == x.dtype else y.to(x.dtype)
+
+
+def backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
+             coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dangles)`` from the saved output ``y`` and its gradient ``gy``."""
+    cdtype = compute_dtype(y.dtype)
+    yc = as_dtype(y, cdtype)
+    gc = as_dtype(gy, cdtype)
+    gx = torch.empty_like(yc)
+    cs = coef if coef is not None else coefficients(plan, angles, cdtype)
+    n, d = yc.shape
+    k = plan.num_rotations
+    threads = kernel_threads(n, k)
+    gacc = torch.zeros(threads, k, dtype=torch.float64)
+    _module().backward(yc, gc, gx, gacc, kernel_pairs(plan), cs, n, d, tile_width(n, d, yc.element_size(), 2),
+                       threads, transpose)
+    g_applied = gacc.sum(0) if threads > 1 else gacc[0]
+    g_angles = as_dtype(-g_applied if transpose else g_applied, angles.dtype)
+    return (gx if gx.dtype == y.dtype else gx.to(y.dtype)), g_angles
+
+
+def linear_forward(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   plan: GivensPlan, out_features: int, keep_rotated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KamaLinear's forward in one C pass (pad / scale the input, rotate, keep and scale the outputs, add the
+    bias; cos / sin computed there). Returns the output and, if ``keep_rotated``, the rotated state ``(n, d)``
+    that :func:`linear_backward` needs. ``x``, ``angles``, ``scale``, ``bias`` share one float32 / float64 dtype."""
+    dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
+    xc, a, sc = as_dtype(x, dt), as_dtype(angles, dt), as_dtype(scale, dt)
+    b = as_dtype(bias, dt) if bias is not None else None
+    out = torch.empty(n_rows, out_features, dtype=dt)
+    rotated = torch.empty(n_rows, plan.d, dtype=dt) if keep_rotated else None
+    _module().linear_forward(xc, out, rotated, kernel_pairs(plan), a, sc, b, n_rows, in_f, out_features,
+                             tile_width(n_rows, plan.d, xc.element_size(), 1), kernel_threads(n_rows, k))
+    return out, rotated
+
+
+def linear_backward(g: torch.Tensor, rotated: torch.Tensor, x: torch.Tensor, angles: torch.Tensor,
+                    scale: torch.Tensor, has_bias: bool, plan: GivensPlan, out_features: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients ``(x, angles, scale, bias)`` of :func:`linear_forward` from the output gradient ``g`` and the
+    rotated state it kept."""
+    dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
+    gc, a, sc = as_dtype(g, dt), as_dtype(angles, dt), as_dtype(scale, dt)
+    gx = torch.empty(n_rows, in_f, dtype=dt)
+    ga = torch.empty(k, dtype=dt)
+    gs = torch.empty(sc.shape[0], dtype=dt)
+    gb = torch.empty(out_features, dtype=dt) if has_bias else None
+    _module().linear_backward(gc, rotated, x, gx, ga, gs, gb, kernel_pairs(plan), a, sc, n_rows, in_f, out_features,
+                              tile_width(n_rows, plan.d, gc.element_size(), 2), kernel_threads(n_rows, k))
+    return gx, ga, gs, gb
+
+
+def has_linear_kernel() -> bool:
+    """Whether the extension has the fused KamaLinear pass."""
+    return _cgivens is not None and hasattr(_cgivens, "linear_forward")
