@@ -19,7 +19,7 @@ setup(
             sources=["src/kama/_cgivens.c"],
             extra_compile_args=args,
             extra_link_args=["-pthread"] if sys.platform != "win32" else [],
-            libraries=["m"] if sys.platform != "win32" else [],
+            libraries=(["m", "dl"] if sys.platform.startswith("linux") else ["m"]) if sys.platform != "win32" else [],
             optional=True,
         )
     ]

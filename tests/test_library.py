@@ -140,3 +140,14 @@ def test_to_linear_merges_every_structured_layer_and_exports_to_onnx(tmp_path):
     onnx.checker.check_model(proto)
     out = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("transpose", [False, True])
+def test_opcheck_on_cuda(transpose):  # pragma: no cover - GPU machines only
+    x, pairs, angles = _args(dtype=torch.float32)
+    x, angles = x.detach().cuda().requires_grad_(), angles.detach().cuda().requires_grad_()
+    torch.library.opcheck(torch.ops.kama.givens_apply.default, (x, pairs.cuda(), angles, transpose, "cuda"))
+    ref = kama.givens_apply(x.cpu(), pairs, angles.cpu(), transpose=transpose, backend="reference")
+    torch.testing.assert_close(torch.ops.kama.givens_apply(x, pairs.cuda(), angles, transpose, "auto").cpu(), ref,
+                               atol=1e-5, rtol=1e-5)

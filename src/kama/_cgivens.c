@@ -712,8 +712,8 @@ KAMA_CLONES static int check_pairs(const int32_t *restrict ij, int64_t k, int64_
 /* for the transpose. Optional tensors (scale, ysave, bias, gbias) may be None.                              */
 /* ---------------------------------------------------------------------------------------------------- */
 
-static PyObject *torch_tensor_type, *dtype_f32, *dtype_f64, *dtype_i32;
-static PyObject *s_dtype, *s_is_cpu, *s_is_contiguous, *s_numel, *s_data_ptr;
+static PyObject *torch_tensor_type, *dtype_f32, *dtype_f64, *dtype_i32, *dtype_i64;
+static PyObject *s_dtype, *s_is_cpu, *s_is_contiguous, *s_numel, *s_nbytes, *s_data_ptr;
 
 static int torch_refs(void) {
     if (torch_tensor_type) return 0;
@@ -723,14 +723,16 @@ static int torch_refs(void) {
     dtype_f32 = PyObject_GetAttrString(torch, "float32");
     dtype_f64 = PyObject_GetAttrString(torch, "float64");
     dtype_i32 = PyObject_GetAttrString(torch, "int32");
+    dtype_i64 = PyObject_GetAttrString(torch, "int64");
     Py_DECREF(torch);
     s_dtype = PyUnicode_InternFromString("dtype");
     s_is_cpu = PyUnicode_InternFromString("is_cpu");
     s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     s_numel = PyUnicode_InternFromString("numel");
+    s_nbytes = PyUnicode_InternFromString("nbytes");
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
-    if (!torch_tensor_type || !dtype_f32 || !dtype_f64 || !dtype_i32 || !s_dtype || !s_is_cpu || !s_is_contiguous
-        || !s_numel || !s_data_ptr) {
+    if (!torch_tensor_type || !dtype_f32 || !dtype_f64 || !dtype_i32 || !dtype_i64 || !s_dtype || !s_is_cpu || !s_is_contiguous
+        || !s_numel || !s_nbytes || !s_data_ptr) {
         Py_CLEAR(torch_tensor_type);
         return -1;
     }
@@ -738,7 +740,8 @@ static int torch_refs(void) {
 }
 
 static const char *dtype_name(PyObject *dtype) {
-    return dtype == dtype_f32 ? "torch.float32" : dtype == dtype_f64 ? "torch.float64" : "torch.int32";
+    return dtype == dtype_f32 ? "torch.float32" : dtype == dtype_f64 ? "torch.float64"
+        : dtype == dtype_i32 ? "torch.int32" : "torch.int64";
 }
 
 /* The memory of argument `name`: a contiguous CPU tensor of `dtype` with exactly `numel` elements (NULL with a
@@ -747,9 +750,8 @@ static int tensor_mem(PyObject *t, const char *name, PyObject *dtype, long long 
     *mem = NULL;
     if (optional && t == Py_None) return 0;
     if (torch_refs()) return -1;
-    int is_tensor = PyObject_IsInstance(t, torch_tensor_type);
-    if (is_tensor < 0) return -1;
-    if (!is_tensor) {
+    /* a C-level subtype check: torch.Tensor's metaclass answers isinstance() in Python, which costs ~1 us */
+    if (!PyObject_TypeCheck(t, (PyTypeObject *)torch_tensor_type)) {
         PyErr_Format(PyExc_TypeError, "%s must be a torch.Tensor, got %s", name, Py_TYPE(t)->tp_name);
         return -1;
     }
@@ -777,13 +779,14 @@ static int tensor_mem(PyObject *t, const char *name, PyObject *dtype, long long 
         PyErr_Format(PyExc_ValueError, "%s must be contiguous", name);
         return -1;
     }
-    v = PyObject_CallMethodNoArgs(t, s_numel);
+    v = PyObject_GetAttr(t, s_nbytes);  /* a getter: cheaper than numel() */
     if (!v) return -1;
     long long got = PyLong_AsLongLong(v);
     Py_DECREF(v);
     if (got == -1 && PyErr_Occurred()) return -1;
-    if (got != numel) {
-        PyErr_Format(PyExc_ValueError, "%s has %lld elements, the call needs %lld", name, got, numel);
+    const long long esz = dtype == dtype_f64 || dtype == dtype_i64 ? 8 : 4;
+    if (got != numel * esz) {
+        PyErr_Format(PyExc_ValueError, "%s has %lld elements, the call needs %lld", name, got / esz, numel);
         return -1;
     }
     v = PyObject_CallMethodNoArgs(t, s_data_ptr);
@@ -836,7 +839,8 @@ static PyObject *py_make_pairs(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (torch_refs()) return NULL;
-    PyObject *v = PyObject_IsInstance(t, torch_tensor_type) == 1 ? PyObject_CallMethodNoArgs(t, s_numel) : NULL;
+    PyObject *v = PyObject_TypeCheck(t, (PyTypeObject *)torch_tensor_type) ? PyObject_CallMethodNoArgs(t, s_numel)
+                                                                             : NULL;
     if (!v) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "pairs must be a torch.Tensor");
         return NULL;
@@ -1086,24 +1090,38 @@ static PyObject *py_cos_sin(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* same_bytes(a, b): whether two tensors of one dtype and size hold the same bytes (the coefficient cache's value
- * check; a tenth of torch.equal's cost for 35k angles). Equal bytes imply equal values, so a hit is never wrong. */
+/* same_bytes(a, b): whether two tensors of one dtype (float32, float64, int32 or int64) and size hold the same bytes
+ * (the caches' value checks: a tenth of torch.equal's cost). Equal bytes imply equal values, so a hit is never
+ * wrong; another dtype or size is simply not the same. */
 static PyObject *py_same_bytes(PyObject *self, PyObject *args) {
     PyObject *ta, *tb;
     if (!PyArg_ParseTuple(args, "OO", &ta, &tb)) return NULL;
-    PyObject *dt = float_dtype(ta, "a");
+    if (torch_refs()) return NULL;
+    if (!PyObject_TypeCheck(ta, (PyTypeObject *)torch_tensor_type)) {
+        PyErr_SetString(PyExc_TypeError, "a must be a torch.Tensor");
+        return NULL;
+    }
+    PyObject *dt = PyObject_GetAttr(ta, s_dtype);
     if (!dt) return NULL;
+    Py_DECREF(dt);  /* torch keeps the dtype objects alive */
+    size_t esz;
+    if (dt == dtype_f32 || dt == dtype_i32) esz = 4;
+    else if (dt == dtype_f64 || dt == dtype_i64) esz = 8;
+    else {
+        PyErr_SetString(PyExc_TypeError, "a must have dtype torch.float32, float64, int32 or int64");
+        return NULL;
+    }
     PyObject *v = PyObject_CallMethodNoArgs(ta, s_numel);
     if (!v) return NULL;
     long long numel = PyLong_AsLongLong(v);
     Py_DECREF(v);
     void *a, *b;
     if (tensor_mem(ta, "a", dt, numel, 0, &a)) return NULL;
-    if (tensor_mem(tb, "b", dt, numel, 0, &b)) {  /* another dtype or size: not the same bytes */
+    if (tensor_mem(tb, "b", dt, numel, 0, &b)) {  /* another dtype, size or layout: not the same bytes */
         PyErr_Clear();
         Py_RETURN_FALSE;
     }
-    const size_t nbytes = (size_t)numel * (dt == dtype_f64 ? sizeof(double) : sizeof(float));
+    const size_t nbytes = (size_t)numel * esz;
     if (nbytes == 0 || a == b || memcmp(a, b, nbytes) == 0) Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }

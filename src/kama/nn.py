@@ -307,8 +307,12 @@ class KamaLinear(nn.Module):
             raise ValueError(
                 f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}"
             )
-        return kama_linear(x, self.pairs, self.angles, self.scale, self.bias, out_features=self.out_features,
-                           angle_gain=self.angle_gain, cache=self._cache)
+        # the module's dicts directly (nn.Module.__getattr__ costs ~0.7 us a name: RL-size layers notice); tensors
+        # swapped in by torch.func.functional_call are found there too
+        p, b = self._parameters, self._buffers
+        return kama_linear(x, b["pairs"] if "pairs" in b else self.pairs, p["angles"] if "angles" in p else self.angles,
+                           p["scale"] if "scale" in p else self.scale, p["bias"] if "bias" in p else self.bias,
+                           out_features=self.out_features, angle_gain=self.angle_gain, cache=self._cache)
 
     def to_dense(self, *, backend: str = "reference") -> torch.Tensor:
         """The ``(out_features, in_features)`` weight ``W`` (differentiable), ``layer(x) == x @ W.T + b``.

@@ -16,6 +16,7 @@ The package is laid out by concern:
 
 from __future__ import annotations
 
+from . import library  # noqa: F401  (registers torch.ops.kama.*)
 from .dispatch import (
     BACKENDS,
     COST_MODEL,

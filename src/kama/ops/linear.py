@@ -110,8 +110,7 @@ class LinearCache:
 
     def plan_of(self, pairs: torch.Tensor, n: int) -> GivensPlan:
         """The plan of ``pairs`` (kept while ``pairs`` keeps its values, checked each call)."""
-        if self.pairs is not None and self.plan is not None and self.pairs.device == pairs.device \
-                and self.pairs.shape == pairs.shape and torch.equal(self.pairs, pairs):
+        if self.pairs is not None and self.plan is not None and cpu.same_values(self.pairs, pairs):
             return self.plan
         plan = as_plan(pairs, n)
         self.pairs, self.plan = pairs.clone(), plan
@@ -142,8 +141,7 @@ class LinearCache:
         hit = self.weight
         if hit is not None:
             ca, cs, cplan, w = hit
-            if cplan is plan and ca.dtype == angles.dtype and ca.device == angles.device \
-                    and torch.equal(ca, angles) and torch.equal(cs, scale):
+            if cplan is plan and cpu.same_values(ca, angles) and cpu.same_values(cs, scale):
                 return w
         with torch.no_grad():
             w = kama_weight(plan, angles, scale, in_features, out_features, angle_gain=angle_gain, backend="auto")
@@ -198,17 +196,12 @@ def kama_linear(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch
     if torch.compiler.is_compiling():  # the registered op between the compiler's own pad / scale / bias ops
         y = givens_apply(pad_input(x, scale, out_features, n), pairs, rotation_angles(angles, angle_gain))
         return finish_output(y, scale, bias, in_features, out_features)
-    if isinstance(pairs, GivensPlan):
-        plan = as_plan(pairs, n)
-    elif cache is not None:
-        plan = cache.plan_of(pairs, n)
-    else:
-        plan = as_plan(pairs, n)
+    plan = cache.plan_of(pairs, n) if cache is not None and not isinstance(pairs, GivensPlan) else as_plan(pairs, n)
     n_rows = x.numel() // in_features if in_features else 0
     if cache is not None and not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
         if cache.dense_wins(n_rows, in_features, out_features, plan.num_rotations, angles.device):
             return F.linear(x, cache.weight_for(plan, angles, scale, in_features, out_features, angle_gain), bias)
-    if x.device.type == "cpu" and x.dtype == angles.dtype and (
+    if x.is_cpu and x.dtype == angles.dtype and (
             cache.fused_wins(n_rows, plan) if cache is not None else
             cpu.available() and choose_backend(n_rows, plan.d, plan) == "cpu"):
         # One autograd node (one C pass) for pad, rotations, truncation, scalars and bias: RL-size layers are
@@ -223,6 +216,7 @@ def kama_linear(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch
 
 
 _LOW = (torch.float16, torch.bfloat16)
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def _low_precision(x: torch.Tensor, angles: torch.Tensor) -> torch.dtype | None:
@@ -231,8 +225,8 @@ def _low_precision(x: torch.Tensor, angles: torch.Tensor) -> torch.dtype | None:
     always run on the parameters' (float32 or float64) dtype."""
     if angles.dtype in _LOW:
         return None
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+    device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else None
+    if device is not None and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         return dtype if dtype in _LOW else None
     return x.dtype if x.dtype in _LOW else None
@@ -249,7 +243,7 @@ class _KamaLinearFunction(torch.autograd.Function):
     def forward(ctx, x, angles, scale, bias, plan, out_features, gain=1.0):  # type: ignore[override]
         ctx.plan, ctx.out_features, ctx.gain = plan, out_features, gain
         rot = angles if gain == 1.0 else angles.detach() * gain  # the rotation angles
-        ctx.fused = x.dtype in (torch.float32, torch.float64) and cpu.has_linear_kernel()
+        ctx.fused = x.dtype in _FUSED_DTYPES and cpu.has_linear_kernel()
         if ctx.fused:  # pad, scale, rotate, truncate and bias in one C pass (cos/sin computed there too)
             xc = cpu.as_dtype(x, x.dtype)
             out, ctx.y_rot = cpu.linear_forward(xc, rot, scale, bias, plan, out_features,
