@@ -62,23 +62,27 @@ def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tenso
     return (t.view(dtype) if dtype in (torch.bfloat16, torch.float16) else t).reshape(shape)
 
 
-CASES = [  # io dtype, state dtype, rows per tile, threads, n, d, k, transpose, blocks
-    (torch.float64, torch.float64, 4, 32, 13, 37, 300, False, 2),
-    (torch.float64, torch.float64, 8, 64, 30, 37, 300, True, 3),
-    (torch.float32, torch.float32, 16, 64, 40, 70, 600, False, 2),
-    (torch.float32, torch.float32, 4, 32, 9, 129, 900, True, 1),
-    (torch.bfloat16, torch.float32, 8, 32, 20, 33, 200, False, 2),
-    (torch.float32, torch.float32, 8, 32, 11, 200, 2000, False, 2),  # several rotations per thread and layer
-    (torch.float32, torch.float32, 4, 32, 5, 6, 0, False, 1),
+CASES = [  # io dtype, state dtype, rows per tile, threads, n, d, k, transpose, blocks, register-blocked plan
+    (torch.float64, torch.float64, 4, 32, 13, 37, 300, False, 2, False),
+    (torch.float64, torch.float64, 8, 64, 30, 37, 300, True, 3, False),
+    (torch.float32, torch.float32, 16, 64, 40, 70, 600, False, 2, False),
+    (torch.float32, torch.float32, 4, 32, 9, 129, 900, True, 1, False),
+    (torch.bfloat16, torch.float32, 8, 32, 20, 33, 200, False, 2, False),
+    (torch.float32, torch.float32, 8, 32, 11, 200, 2000, False, 2, False),  # several rotations per thread and layer
+    (torch.float32, torch.float32, 4, 32, 5, 6, 0, False, 1, False),
+    (torch.float32, torch.float32, 8, 32, 17, 40, 365, False, 2, True),  # blocked plans: the generic GPU walk
+    (torch.float64, torch.float64, 4, 32, 9, 64, 240, True, 1, True),
 ]
 
 
-@pytest.mark.parametrize("io, cdtype, bb, nt, n, d, k, transpose, grid", CASES)
-def test_emulated_cuda_kernels_match_the_reference_walk(toolchain, io, cdtype, bb, nt, n, d, k, transpose, grid):
+@pytest.mark.parametrize("io, cdtype, bb, nt, n, d, k, transpose, grid, blocked", CASES)
+def test_emulated_cuda_kernels_match_the_reference_walk(toolchain, io, cdtype, bb, nt, n, d, k, transpose, grid,
+                                                        blocked):
     exe = _build(toolchain, io, cdtype, bb, nt)
     work = exe.parent
     g = torch.Generator().manual_seed(d + k)
-    pairs = kama.random_pairs(d, k, generator=g) if k else torch.empty(0, 2, dtype=torch.long)
+    sampler = kama.ops.blocked_pairs if blocked else kama.random_pairs
+    pairs = sampler(d, k, generator=g) if k else torch.empty(0, 2, dtype=torch.long)
     plan = givens.as_plan(pairs, d)
     angles = kama.random_angles(k, generator=g, dtype=torch.float64)
     x = torch.randn(n, d, generator=g, dtype=torch.float64).to(io)

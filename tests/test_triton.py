@@ -75,6 +75,21 @@ def test_matches_dense_oracle(d, k, n, seed, dtype, transpose):
 
 
 @pytest.mark.parametrize("transpose", [False, True])
+def test_blocked_plans_on_the_gpu_kernels(transpose):
+    g = torch.Generator().manual_seed(7)
+    d, k, n = 24, 5 * 12 + 4, 19
+    pairs = kama.ops.blocked_pairs(d, k, generator=g)
+    angles = kama.random_angles(k, generator=g, dtype=torch.float64).to(DEV)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(DEV)
+    w = torch.randn(n, d, generator=g, dtype=torch.float64).to(DEV)
+    y, gx, ga = _fwd_bwd(x, pairs, angles, "cuda", transpose, w)
+    yr, gxr, gar = _fwd_bwd(x.cpu(), pairs, angles.cpu(), "reference", transpose, w.cpu())
+    torch.testing.assert_close(y.cpu(), yr, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gx.cpu(), gxr, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ga.cpu(), gar, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
 def test_persistent_loop_over_many_tiles_matches_reference(monkeypatch, transpose):
     # A 1 KiB scratch forces 8-row tiles: 70 rows = 9 tiles over 3 programs (or the GPU's grid); the CUDA C
     # kernels get 2-row tiles over at most 4 blocks.

@@ -31,6 +31,8 @@
 #define KAMA_CLONES
 #endif
 
+struct kama_blocks;
+
 typedef struct {
     const void *x;        /* (N, d) input, row-major */
     void *y;              /* (N, d) output */
@@ -48,6 +50,7 @@ typedef struct {
     int transpose;        /* 0: apply r = k-1 .. 0 (M x); 1: r = 0 .. k-1 with s negated (M^T x) */
     double sgn;           /* sign applied to s (-1 for the transpose) */
     int64_t tile;         /* T */
+    const struct kama_blocks *blocks; /* register-blocked plans: their groups (the pairs' first rotations: the tail) */
     int64_t t_begin, t_end; /* tile range of this worker */
     int thread_id;
     int status;
@@ -529,6 +532,167 @@ DEFINE_WORKERS(float, f32)
 DEFINE_WORKERS(double, f64)
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* Register-blocked plans (kama.ops.blocked_pairs). In application order the plan is a sequence of groups:  */
+/* each acts on BLOCK = 8 coordinates (its slots s0..s7, drawn from a random permutation per phase) with    */
+/* GROUP_ROTS = 12 rotations in three butterfly rounds, (s0 s1)(s2 s3)(s4 s5)(s6 s7), (s0 s2)(s1 s3)(s4 s6)  */
+/* (s5 s7), (s0 s4)(s1 s5)(s2 s6)(s3 s7); any rotations after the last full group form a tail that the      */
+/* generic walk applies. A group loads its 8 rows of a tile column chunk into vector registers once, rotates */
+/* them 12 times there and stores them once: 16 memory operations per 12 rotations and vector width, where  */
+/* the generic walk needs 4 per rotation (2 loads, 2 stores). Group g's q-th rotation is the plan's          */
+/* rotation r = k - 1 - 12 g - q (product order).                                                           */
+/* ---------------------------------------------------------------------------------------------------- */
+
+#define BLOCK 8
+#define GROUP_ROTS 12
+
+typedef struct kama_blocks {
+    int32_t *slots;  /* (groups, 8) coordinates of every group, application order */
+    int64_t groups, k, d;
+} kama_blocks_t;
+
+#define BLK_ROT(X, Y, C, S) do { const vec_t x_ = (X); (X) = (C) * x_ - (S) * (Y); (Y) = (S) * x_ + (C) * (Y); } while (0)
+#define BLK_UNROT(X, Y, GX, GY, C, S, ACC)                                                                  \
+    do {                                                                                                    \
+        const vec_t a1_ = (X), b1_ = (Y), a2_ = (GX), b2_ = (GY);                                           \
+        (ACC) += b2_ * a1_ - a2_ * b1_;                                                                     \
+        (X) = (C) * a1_ + (S) * b1_;                                                                        \
+        (Y) = (C) * b1_ - (S) * a1_;                                                                        \
+        (GX) = (C) * a2_ + (S) * b2_;                                                                       \
+        (GY) = (C) * b2_ - (S) * a2_;                                                                       \
+    } while (0)
+
+/* the 12 butterfly rotations of a group, unrolled (the registers are named at compile time) */
+#define BLK_FWD_ALL BLK_ROT(v[0], v[1], c[0], s[0]); BLK_ROT(v[2], v[3], c[1], s[1]);                                 \
+    BLK_ROT(v[4], v[5], c[2], s[2]); BLK_ROT(v[6], v[7], c[3], s[3]); BLK_ROT(v[0], v[2], c[4], s[4]);                \
+    BLK_ROT(v[1], v[3], c[5], s[5]); BLK_ROT(v[4], v[6], c[6], s[6]); BLK_ROT(v[5], v[7], c[7], s[7]);                \
+    BLK_ROT(v[0], v[4], c[8], s[8]); BLK_ROT(v[1], v[5], c[9], s[9]); BLK_ROT(v[2], v[6], c[10], s[10]);              \
+    BLK_ROT(v[3], v[7], c[11], s[11]);
+#define BLK_FWD_REV BLK_ROT(v[3], v[7], c[11], s[11]); BLK_ROT(v[2], v[6], c[10], s[10]);                             \
+    BLK_ROT(v[1], v[5], c[9], s[9]); BLK_ROT(v[0], v[4], c[8], s[8]); BLK_ROT(v[5], v[7], c[7], s[7]);                \
+    BLK_ROT(v[4], v[6], c[6], s[6]); BLK_ROT(v[1], v[3], c[5], s[5]); BLK_ROT(v[0], v[2], c[4], s[4]);                \
+    BLK_ROT(v[6], v[7], c[3], s[3]); BLK_ROT(v[4], v[5], c[2], s[2]); BLK_ROT(v[2], v[3], c[1], s[1]);                \
+    BLK_ROT(v[0], v[1], c[0], s[0]);
+#define BLK_BWD_ALL BLK_UNROT(v[0], v[1], w[0], w[1], c[0], s[0], acc[0]);                                            \
+    BLK_UNROT(v[2], v[3], w[2], w[3], c[1], s[1], acc[1]); BLK_UNROT(v[4], v[5], w[4], w[5], c[2], s[2], acc[2]);     \
+    BLK_UNROT(v[6], v[7], w[6], w[7], c[3], s[3], acc[3]); BLK_UNROT(v[0], v[2], w[0], w[2], c[4], s[4], acc[4]);     \
+    BLK_UNROT(v[1], v[3], w[1], w[3], c[5], s[5], acc[5]); BLK_UNROT(v[4], v[6], w[4], w[6], c[6], s[6], acc[6]);     \
+    BLK_UNROT(v[5], v[7], w[5], w[7], c[7], s[7], acc[7]); BLK_UNROT(v[0], v[4], w[0], w[4], c[8], s[8], acc[8]);     \
+    BLK_UNROT(v[1], v[5], w[1], w[5], c[9], s[9], acc[9]);                                                            \
+    BLK_UNROT(v[2], v[6], w[2], w[6], c[10], s[10], acc[10]);                                                         \
+    BLK_UNROT(v[3], v[7], w[3], w[7], c[11], s[11], acc[11]);
+#define BLK_BWD_REV BLK_UNROT(v[3], v[7], w[3], w[7], c[11], s[11], acc[11]);                                         \
+    BLK_UNROT(v[2], v[6], w[2], w[6], c[10], s[10], acc[10]);                                                         \
+    BLK_UNROT(v[1], v[5], w[1], w[5], c[9], s[9], acc[9]); BLK_UNROT(v[0], v[4], w[0], w[4], c[8], s[8], acc[8]);     \
+    BLK_UNROT(v[5], v[7], w[5], w[7], c[7], s[7], acc[7]); BLK_UNROT(v[4], v[6], w[4], w[6], c[6], s[6], acc[6]);     \
+    BLK_UNROT(v[1], v[3], w[1], w[3], c[5], s[5], acc[5]); BLK_UNROT(v[0], v[2], w[0], w[2], c[4], s[4], acc[4]);     \
+    BLK_UNROT(v[6], v[7], w[6], w[7], c[3], s[3], acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], c[2], s[2], acc[2]);     \
+    BLK_UNROT(v[2], v[3], w[2], w[3], c[1], s[1], acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], c[0], s[0], acc[0]);
+
+#define DEFINE_BLOCKED(TYPE, SUFFIX, VW)                                                                    \
+    typedef TYPE vec_##SUFFIX __attribute__((vector_size(VW * sizeof(TYPE)), aligned(sizeof(TYPE))));       \
+    /* the groups of b on the (d, T) feature-major tile, T a multiple of VW */                               \
+    KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
+                                             const TYPE *restrict cs, int transpose) {                      \
+        typedef vec_##SUFFIX vec_t;                                                                         \
+        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
+            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            TYPE *p[BLOCK];                                                                                 \
+            for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
+            for (int64_t t = 0; t < T; t += VW) {                                                           \
+                vec_t v[BLOCK];                                                                             \
+                for (int u = 0; u < BLOCK; ++u) memcpy(&v[u], p[u] + t, sizeof(vec_t));                     \
+                if (!transpose) { BLK_FWD_ALL }                                                             \
+                else { BLK_FWD_REV }                                                                        \
+                for (int u = 0; u < BLOCK; ++u) memcpy(p[u] + t, &v[u], sizeof(vec_t));                     \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
+    KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
+                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
+                                             double *restrict gacc) {                                       \
+        typedef vec_##SUFFIX vec_t;                                                                         \
+        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
+            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
+            for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
+            vec_t acc[GROUP_ROTS];                                                                          \
+            memset(acc, 0, sizeof acc);                                                                     \
+            for (int64_t t = 0; t < T; t += VW) {                                                           \
+                vec_t v[BLOCK], w[BLOCK];                                                                   \
+                for (int u = 0; u < BLOCK; ++u) {                                                           \
+                    memcpy(&v[u], pv[u] + t, sizeof(vec_t));                                                \
+                    memcpy(&w[u], pg[u] + t, sizeof(vec_t));                                                \
+                }                                                                                           \
+                if (!transpose) { BLK_BWD_REV }                                                             \
+                else { BLK_BWD_ALL }                                                                        \
+                for (int u = 0; u < BLOCK; ++u) {                                                           \
+                    memcpy(pv[u] + t, &v[u], sizeof(vec_t));                                                \
+                    memcpy(pg[u] + t, &w[u], sizeof(vec_t));                                                \
+                }                                                                                           \
+            }                                                                                               \
+            for (int q = 0; q < GROUP_ROTS; ++q) {                                                          \
+                double h = 0;                                                                               \
+                for (int l = 0; l < VW; ++l) h += (double)acc[q][l];                                        \
+                gacc[r0 - q] += h;                                                                          \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    static void *blk_fwd_worker_##SUFFIX(void *arg) {                                                       \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d, m = j->blocks->k - GROUP_ROTS * j->blocks->groups;              \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *buf = (TYPE *)buf_get(bytes);                                                                 \
+        if (!buf) { j->status = -1; return NULL; }                                                          \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
+            if (j->transpose)                                                                               \
+                DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, m, 1, (TYPE)j->sgn, 0)          \
+            blk_fwd_##SUFFIX(buf, T, j->blocks, (const TYPE *)j->cs, j->transpose);                         \
+            if (!j->transpose)                                                                              \
+                DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, m, 0, (TYPE)j->sgn, 0)          \
+            store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T, (const TYPE *)j->scale);                      \
+        }                                                                                                   \
+        buf_put(buf, bytes);                                                                                \
+        return NULL;                                                                                        \
+    }                                                                                                       \
+    static void *blk_bwd_worker_##SUFFIX(void *arg) {                                                       \
+        job_t *j = (job_t *)arg;                                                                            \
+        const int64_t T = j->tile, d = j->d, m = j->blocks->k - GROUP_ROTS * j->blocks->groups;              \
+        const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
+        TYPE *vb = (TYPE *)buf_get(bytes);                                                                  \
+        TYPE *gb = (TYPE *)buf_get(bytes);                                                                  \
+        if (!vb || !gb) { buf_put(vb, bytes); buf_put(gb, bytes); j->status = -1; return NULL; }            \
+        double *acc = j->gacc + (int64_t)j->thread_id * j->k;                                               \
+        for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
+            const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
+            load_##SUFFIX(vb, (const TYPE *)j->y, n0, rows, d, T);                                          \
+            load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
+            if (!j->transpose)                                                                              \
+                DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, m, 0, (TYPE)j->sgn, acc, 0)  \
+            blk_bwd_##SUFFIX(vb, gb, T, j->blocks, (const TYPE *)j->cs, j->transpose, acc);                 \
+            if (j->transpose)                                                                               \
+                DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, m, 1, (TYPE)j->sgn, acc, 0)  \
+            store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
+        }                                                                                                   \
+        buf_put(vb, bytes);                                                                                 \
+        buf_put(gb, bytes);                                                                                 \
+        return NULL;                                                                                        \
+    }
+
+DEFINE_BLOCKED(float, f32, 8)
+DEFINE_BLOCKED(double, f64, 4)
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Fused KamaLinear: pad / scale the input, rotate, keep and scale the outputs, add the bias, in one pass   */
 /* per tile (and the matching backward), so that small layers (RL policies) pay one call instead of ~10     */
 /* tensor operations. n = d = max(in_f, out_f); narrowing layers (out_f <= in_f, so in_f == d) scale the    */
@@ -966,6 +1130,153 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Register-blocked groups: make_blocks(slots, d, k) checks a (groups, 8) int32 tensor of each group's slots
+ * (8 distinct coordinates in [0, d)) for a plan of k >= 12 groups rotations and keeps a copy; a capsule. */
+#define BLOCKS_CAPSULE "kama._cgivens.blocks"
+
+static void blocks_free(PyObject *capsule) {
+    kama_blocks_t *b = (kama_blocks_t *)PyCapsule_GetPointer(capsule, BLOCKS_CAPSULE);
+    if (b) {
+        free(b->slots);
+        free(b);
+    }
+}
+
+static PyObject *py_make_blocks(PyObject *self, PyObject *args) {
+    PyObject *t;
+    long long d, k;
+    if (!PyArg_ParseTuple(args, "OLL", &t, &d, &k)) return NULL;
+    if (torch_refs()) return NULL;
+    PyObject *v = PyObject_TypeCheck(t, (PyTypeObject *)torch_tensor_type) ? PyObject_CallMethodNoArgs(t, s_numel)
+                                                                             : NULL;
+    if (!v) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "slots must be a torch.Tensor");
+        return NULL;
+    }
+    long long numel = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (numel < 0 || numel % BLOCK || d < BLOCK || k < numel / BLOCK * GROUP_ROTS) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "invalid sizes: %lld slots, d=%lld, k=%lld", numel, d, k);
+        return NULL;
+    }
+    void *mem;
+    if (tensor_mem(t, "slots", dtype_i32, numel, 0, &mem)) return NULL;
+    const int32_t *sl = (const int32_t *)mem;
+    const int64_t groups = numel / BLOCK;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int u = 0; u < BLOCK; ++u) {
+            const int32_t a = sl[BLOCK * g + u];
+            int bad = a < 0 || a >= d;
+            for (int w = 0; w < u && !bad; ++w) bad = sl[BLOCK * g + w] == a;
+            if (bad) {
+                PyErr_Format(PyExc_ValueError, "slots of group %lld must be 8 distinct coordinates in [0, %lld)",
+                             (long long)g, d);
+                return NULL;
+            }
+        }
+    kama_blocks_t *b = (kama_blocks_t *)malloc(sizeof *b);
+    int32_t *copy = (int32_t *)malloc((size_t)(numel > 0 ? numel : 1) * sizeof(int32_t));
+    if (!b || !copy) {
+        free(b);
+        free(copy);
+        return PyErr_NoMemory();
+    }
+    if (numel) memcpy(copy, sl, (size_t)numel * sizeof(int32_t));
+    b->slots = copy;
+    b->groups = groups;
+    b->k = k;
+    b->d = d;
+    PyObject *capsule = PyCapsule_New(b, BLOCKS_CAPSULE, blocks_free);
+    if (!capsule) {
+        free(copy);
+        free(b);
+    }
+    return capsule;
+}
+
+/* The groups of a make_blocks capsule made for the pairs p, or NULL with a Python error set. */
+static const kama_blocks_t *get_blocks(PyObject *capsule, const kama_pairs_t *p) {
+    if (!PyCapsule_IsValid(capsule, BLOCKS_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "blocks must be a capsule from _cgivens.make_blocks");
+        return NULL;
+    }
+    const kama_blocks_t *b = (const kama_blocks_t *)PyCapsule_GetPointer(capsule, BLOCKS_CAPSULE);
+    if (!b) return NULL;
+    if (b->k != p->k || b->d != p->d) {
+        PyErr_Format(PyExc_ValueError, "blocks were made for k=%lld, d=%lld, not the pairs' k=%lld, d=%lld",
+                     (long long)b->k, (long long)b->d, (long long)p->k, (long long)p->d);
+        return NULL;
+    }
+    return b;
+}
+
+/* forward_blocked(x, y, pairs, blocks, cs, n, d, tile, nthreads, transpose[, scale]): as forward, for a plan with
+ * register-blocked groups; tile a multiple of the vector width (8 float32, 4 float64). */
+static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
+    PyObject *tx, *ty, *pairs, *blocks, *tcs, *tscale = Py_None;
+    long long n, d, tile;
+    int nthreads, transpose;
+    if (!PyArg_ParseTuple(args, "OOOOOLLLip|O", &tx, &ty, &pairs, &blocks, &tcs, &n, &d, &tile, &nthreads,
+                          &transpose, &tscale))
+        return NULL;
+    const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
+    const kama_blocks_t *b = p ? get_blocks(blocks, p) : NULL;
+    PyObject *dt = b ? float_dtype(tx, "x") : NULL;
+    if (!dt) return NULL;
+    const int is_double = dt == dtype_f64;
+    if (tile % (is_double ? 4 : 8)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: tile=%lld is not a multiple of the vector width", tile);
+        return NULL;
+    }
+    void *x, *y, *cs, *scale;
+    if (tensor_mem(tx, "x", dt, n * d, 0, &x) || tensor_mem(ty, "y", dt, n * d, 0, &y)
+        || tensor_mem(tcs, "cs", dt, 2 * p->k, 0, &cs) || tensor_mem(tscale, "scale", dt, d, 1, &scale))
+        return NULL;
+    if (n == 0) Py_RETURN_NONE;
+    job_t proto = {.x = x, .y = y, .ij = p->ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = p->k,
+                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_jobs(is_double ? blk_fwd_worker_f64 : blk_fwd_worker_f32, &proto, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* backward_blocked(y, gy, gx, gacc, pairs, blocks, cs, n, d, tile, nthreads, transpose): as backward. */
+static PyObject *py_backward_blocked(PyObject *self, PyObject *args) {
+    PyObject *ty, *tgy, *tgx, *tgacc, *pairs, *blocks, *tcs;
+    long long n, d, tile;
+    int nthreads, transpose;
+    if (!PyArg_ParseTuple(args, "OOOOOOOLLLip", &ty, &tgy, &tgx, &tgacc, &pairs, &blocks, &tcs, &n, &d, &tile,
+                          &nthreads, &transpose))
+        return NULL;
+    const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
+    const kama_blocks_t *b = p ? get_blocks(blocks, p) : NULL;
+    PyObject *dt = b ? float_dtype(ty, "y") : NULL;
+    if (!dt) return NULL;
+    const int is_double = dt == dtype_f64;
+    if (tile % (is_double ? 4 : 8)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: tile=%lld is not a multiple of the vector width", tile);
+        return NULL;
+    }
+    void *y, *gy, *gx, *gacc, *cs;
+    if (tensor_mem(ty, "y", dt, n * d, 0, &y) || tensor_mem(tgy, "gy", dt, n * d, 0, &gy)
+        || tensor_mem(tgx, "gx", dt, n * d, 0, &gx) || tensor_mem(tgacc, "gacc", dtype_f64, nthreads * p->k, 0, &gacc)
+        || tensor_mem(tcs, "cs", dt, 2 * p->k, 0, &cs))
+        return NULL;
+    if (n == 0) Py_RETURN_NONE;
+    job_t proto = {.y = y, .gy = gy, .gx = gx, .gacc = (double *)gacc, .ij = p->ij, .cs = cs, .n = n, .d = d,
+                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_jobs(is_double ? blk_bwd_worker_f64 : blk_bwd_worker_f32, &proto, nthreads);
+    Py_END_ALLOW_THREADS
+    if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Sizes and pairs of a fused-layer call; sets *d = max(in_f, out_f). The pairs, or NULL with an error set. */
 static const kama_pairs_t *lin_check(long long n, long long in_f, long long out_f, long long tile, int nthreads,
                                      PyObject *pairs, long long *d) {
@@ -1160,6 +1471,9 @@ static PyMethodDef methods[] = {
      "Run threads on the OpenMP runtime loaded from this path (None: pthreads); whether OpenMP is in use."},
     {"make_pairs", py_make_pairs, METH_VARARGS, "Validate a (k, 2) int32 pairs tensor for dimension d; a capsule."},
     {"forward", py_forward, METH_VARARGS, "Apply rotations in application order to a row-major batch."},
+    {"make_blocks", py_make_blocks, METH_VARARGS, "Validate a (groups, 8) int32 slots tensor; a capsule."},
+    {"forward_blocked", py_forward_blocked, METH_VARARGS, "forward for register-blocked plans."},
+    {"backward_blocked", py_backward_blocked, METH_VARARGS, "backward for register-blocked plans."},
     {"backward", py_backward, METH_VARARGS, "Backward from the saved output (see _cgivens.c)."},
     {"cos_sin", py_cos_sin, METH_VARARGS, "cos and sin of k angles (float or double), as (k, 2)."},
     {"same_bytes", py_same_bytes, METH_VARARGS, "Whether two buffers of nbytes bytes are identical."},

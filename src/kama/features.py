@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ._checks import check_choice, check_int
-from .ops import GivensPlan, givens_apply, givens_apply_scaled, random_angles, random_pairs
+from .ops import GivensPlan, blocked_pairs, givens_apply, givens_apply_scaled, random_angles, random_pairs
 
 __all__ = [
     "SAMPLERS",
@@ -43,6 +43,7 @@ __all__ = [
     "OrthogonalMatrix",
     "HadamardMatrix",
     "KamaMatrix",
+    "BlockedKamaMatrix",
     "random_matrix",
     "chi_norms",
     "fwht",
@@ -50,7 +51,7 @@ __all__ = [
     "estimate_kernel",
 ]
 
-SAMPLERS: tuple[str, ...] = ("gaussian", "orthogonal", "hadamard", "kama")
+SAMPLERS: tuple[str, ...] = ("gaussian", "orthogonal", "hadamard", "kama", "kama_blocked")
 
 
 def chi_norms(d: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -238,12 +239,15 @@ class KamaMatrix(RandomMatrix):
         self.angles: list[torch.Tensor] = []
         scales = []
         for _ in range(math.ceil(self.m / self.d)):
-            pairs = random_pairs(self.d, self.num_rotations, generator=g)
+            pairs = self._pairs(g)
             self.plans.append(GivensPlan(pairs, self.d))
             self.angles.append(random_angles(self.num_rotations, generator=g, dtype=torch.float64)
                                .to(self.dtype).to(self.device))
             scales.append(chi_norms(self.d, self.d, g))
         self.row_scale = torch.cat(scales)[: self.m].to(self.dtype).to(self.device)
+
+    def _pairs(self, generator: torch.Generator | None) -> torch.Tensor:
+        return random_pairs(self.d, self.num_rotations, generator=generator)
 
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         X = self._check(X)
@@ -259,11 +263,23 @@ class KamaMatrix(RandomMatrix):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
+class BlockedKamaMatrix(KamaMatrix):
+    r"""KRN with register-blocked planes (:func:`kama.ops.blocked_pairs`: groups of 12 butterfly rotations on 8
+    coordinates, a random permutation per phase) instead of Kac's i.i.d. ones; the same ``k`` and the same
+    :math:`\chi(d)` renormalization. Needs ``d >= 8``."""
+
+    name = "kama_blocked"
+
+    def _pairs(self, generator: torch.Generator | None) -> torch.Tensor:
+        return blocked_pairs(self.d, self.num_rotations, generator=generator)
+
+
 _CLASSES: dict[str, type[RandomMatrix]] = {
     "gaussian": GaussianMatrix,
     "orthogonal": OrthogonalMatrix,
     "hadamard": HadamardMatrix,
     "kama": KamaMatrix,
+    "kama_blocked": BlockedKamaMatrix,
 }
 
 
@@ -275,9 +291,9 @@ def random_matrix(sampler: str, d: int, m: int, **kw) -> RandomMatrix:
         KamaMatrix(d=4, m=6)
     """
     sampler = check_choice("sampler", sampler, SAMPLERS)
-    if sampler != "kama" and kw.get("num_rotations") is not None:
-        raise ValueError(f"num_rotations applies to the 'kama' sampler only, got sampler={sampler!r}")
-    if sampler != "kama":
+    if not sampler.startswith("kama") and kw.get("num_rotations") is not None:
+        raise ValueError(f"num_rotations applies to the 'kama' samplers only, got sampler={sampler!r}")
+    if not sampler.startswith("kama"):
         kw.pop("num_rotations", None)
     return _CLASSES[sampler](d, m, **kw)
 

@@ -118,7 +118,7 @@ class PNGFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         X = _validate_data(self, X, reset=True, dtype=np.float64)
         rng = check_random_state(self.random_state)
         gen = torch.Generator().manual_seed(int(rng.randint(0, 2**31 - 1)))
-        kw = {"num_rotations": self.num_rotations} if self.sampler == "kama" else {}
+        kw = {"num_rotations": self.num_rotations} if self.sampler.startswith("kama") else {}
         self.matrix_ = random_matrix(self.sampler, X.shape[1], m, generator=gen, dtype=torch.float64, **kw)
         self.feature_function_ = f
         self._n_features_out = int(self.n_components)

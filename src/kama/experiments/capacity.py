@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from scipy import stats
 
-from ..ops import givens_matrix, random_angles, random_pairs
+from ..ops import blocked_pairs, givens_matrix, random_angles, random_pairs
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import log_xticks, pyplot
 
@@ -40,6 +40,8 @@ class CapacityConfig:
         fit_ratios: ``k / (d ln d)`` values of the fitting study.
         fit_steps: Adam steps per fit; fit_lr: Adam learning rate.
         seed: base seed of every random draw.
+        families: plan families of the mixing study: ``"kac"`` (the paper's i.i.d. pairs) and / or
+            ``"blocked"`` (:func:`kama.ops.blocked_pairs`, ``d >= 8``).
     """
 
     dims: tuple[int, ...] = (16, 64, 256)
@@ -50,11 +52,15 @@ class CapacityConfig:
     fit_steps: int = 1500
     fit_lr: float = 0.05
     seed: int = 0
+    families: tuple[str, ...] = ("kac",)
 
     def __post_init__(self) -> None:
         check_fields(self, {"dims": ("ints", 2), "ratios": ("reals", 0.0, None, True), "walks": ("int", 2),
                             "fit_dims": ("ints", 2), "fit_ratios": ("reals", 0.0, None, True),
-                            "fit_steps": ("int", 1), "fit_lr": ("real", 0.0, None, True), "seed": ("int", 0)})
+                            "fit_steps": ("int", 1), "fit_lr": ("real", 0.0, None, True), "seed": ("int", 0),
+                            "families": ("names", ("kac", "blocked"))})
+        if "blocked" in self.families and min(self.dims) < 8:
+            raise ValueError(f"dims must all be >= 8 for the blocked family, got {list(self.dims)}")
 
 
 QUICK = CapacityConfig(dims=(16, 64), ratios=(0.25, 0.5, 1.0, 2.0, 4.0), walks=1000, fit_dims=(8,),
@@ -66,10 +72,20 @@ def _k(ratio: float, d: int) -> int:
     return max(1, int(math.ceil(ratio * d * math.log(d))))
 
 
-def mixing_statistics(d: int, ratios: tuple[float, ...], walks: int, seed: int) -> list[dict[str, float]]:
-    """Run ``walks`` independent Kac walks from ``e_1`` in parallel and measure them at each ``k``."""
+def _blocked_walks(d: int, k: int, walks: int, g: torch.Generator) -> torch.Tensor:
+    """``(k, walks, 2)`` pairs of ``walks`` independent blocked plans (:func:`kama.ops.blocked_pairs`), in
+    application order (a prefix of a blocked plan's application order is a blocked plan)."""
+    return torch.stack([blocked_pairs(d, k, generator=g).flip(0) for _ in range(walks)], dim=1)
+
+
+def mixing_statistics(d: int, ratios: tuple[float, ...], walks: int, seed: int,
+                      family: str = "kac") -> list[dict[str, float]]:
+    """Run ``walks`` independent walks from ``e_1`` in parallel and measure them at each ``k``: Kac's (i.i.d.
+    pairs) or, with ``family="blocked"``, register-blocked plans (groups of 12 butterfly rotations on 8
+    coordinates); angles uniform either way."""
     g = torch.Generator().manual_seed(seed)
     checkpoints = sorted({_k(r, d): r for r in ratios}.items())
+    blocked = _blocked_walks(d, checkpoints[-1][0], walks, g) if family == "blocked" else None
     v = torch.zeros(walks, d, dtype=torch.float64)
     v[:, 0] = 1.0
     rows = torch.arange(walks)
@@ -79,7 +95,7 @@ def mixing_statistics(d: int, ratios: tuple[float, ...], walks: int, seed: int) 
     step = 0
     for k, ratio in checkpoints:
         n = k - step
-        pairs = random_pairs(d, n * walks, generator=g).view(n, walks, 2)
+        pairs = random_pairs(d, n * walks, generator=g).view(n, walks, 2) if blocked is None else blocked[step:k]
         angles = random_angles(n * walks, generator=g, dtype=torch.float64).view(n, walks)
         cos, sin = torch.cos(angles), torch.sin(angles)
         for r in range(n):
@@ -92,7 +108,7 @@ def mixing_statistics(d: int, ratios: tuple[float, ...], walks: int, seed: int) 
         ks = float(stats.kstest(u1, lambda u: beta.cdf((u + 1) / 2)).statistic)
         m4 = float((v**4).sum(dim=1).mean()) * (d + 2) / 3
         out.append({"d": d, "ratio": ratio, "k": k, "ks": ks, "ks_haar_floor": floor, "m4_ratio": m4,
-                    "walks": walks})
+                    "walks": walks, "family": family})
     return out
 
 
@@ -134,12 +150,16 @@ def _plot(mix: list[dict], fit: list[dict], path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     dims = sorted({r["d"] for r in mix})
-    for d in dims:
-        rs = [r for r in mix if r["d"] == d]
-        x = [r["ratio"] for r in rs]
-        line = axes[0].plot(x, [r["ks"] for r in rs], "o-", label=f"d = {d}")[0]
-        axes[0].axhline(rs[0]["ks_haar_floor"], color=line.get_color(), ls=":", lw=1)
-        axes[1].plot(x, [abs(r["m4_ratio"] - 1) for r in rs], "o-", label=f"d = {d}")
+    families = sorted({r.get("family", "kac") for r in mix}, key=lambda f: f != "kac")
+    for i, d in enumerate(dims):
+        for family in families:
+            rs = [r for r in mix if r["d"] == d and r.get("family", "kac") == family]
+            x = [r["ratio"] for r in rs]
+            style = "o-" if family == "kac" else "s--"
+            label = f"d = {d}" + ("" if len(families) == 1 else f", {family}")
+            axes[0].plot(x, [r["ks"] for r in rs], style, color=f"C{i}", label=label)
+            axes[1].plot(x, [abs(r["m4_ratio"] - 1) for r in rs], style, color=f"C{i}", label=label)
+        axes[0].axhline(rs[0]["ks_haar_floor"], color=f"C{i}", ls=":", lw=1)
     axes[0].set(xscale="log", yscale="log", xlabel="k / (d ln d)", ylabel="KS distance of u_1 vs Haar",
                 title="Kac's walk vs Haar: first entry of M e_1\n(dotted: expected KS of an exact Haar sample)")
     axes[1].set(xscale="log", yscale="log", xlabel="k / (d ln d)", ylabel="|E[sum u_i^4] (d+2)/3 - 1|",
@@ -162,8 +182,11 @@ def _plot(mix: list[dict], fit: list[dict], path) -> None:
 
 def run(cfg: CapacityConfig, ctx: RunContext) -> str:
     mix: list[dict] = []
-    for d in cfg.dims:
-        mix += ctx.unit(f"mixing_d{d}", lambda d=d: mixing_statistics(d, cfg.ratios, cfg.walks, cfg.seed + d))
+    for family in cfg.families:
+        for d in cfg.dims:
+            key = f"mixing_d{d}" if family == "kac" else f"mixing_{family}_d{d}"
+            mix += ctx.unit(key, lambda d=d, family=family: mixing_statistics(d, cfg.ratios, cfg.walks, cfg.seed + d,
+                                                                               family))
     fit: list[dict] = []
     for d in cfg.fit_dims:
         for ratio in cfg.fit_ratios:
@@ -175,10 +198,10 @@ def run(cfg: CapacityConfig, ctx: RunContext) -> str:
     _plot(mix, fit, ctx.out_dir / "capacity.png")
     lines = ["![capacity](capacity/capacity.png)", "",
              "Mixing of Kac's walk (first column of M) against the exact Haar law:", "",
-             "| d | k / (d ln d) | k | KS(u_1) | E[KS] of a Haar sample | E[sum u^4] (d+2)/3 |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['d']} | {r['ratio']:g} | {r['k']} | {r['ks']:.4f} | {r['ks_haar_floor']:.4f} | "
-              f"{r['m4_ratio']:.3f} |" for r in mix]
+             "| plans | d | k / (d ln d) | k | KS(u_1) | E[KS] of a Haar sample | E[sum u^4] (d+2)/3 |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.get('family', 'kac')} | {r['d']} | {r['ratio']:g} | {r['k']} | {r['ks']:.4f} | "
+              f"{r['ks_haar_floor']:.4f} | {r['m4_ratio']:.3f} |" for r in mix]
     lines += ["", "Fitting a Haar-random rotation with k learned angles (random planes):", "",
               "| d | k / (d ln d) | k | rel. error | dim SO(d) / (d ln d) |", "|---|---|---|---|---|"]
     lines += [f"| {r['d']} | {r['ratio']:g} | {r['k']} | {r['rel_error']:.4f} | {r['so_d_dim_ratio']:.2f} |"
@@ -193,6 +216,6 @@ EXPERIMENT = register(
         title="Capacity of products of k Givens rotations (section 3)",
         configs={"quick": QUICK, "full": FULL},
         run=run,
-        num_units=lambda c: len(c.dims) + len(c.fit_dims) * len(c.fit_ratios),
+        num_units=lambda c: len(c.families) * len(c.dims) + len(c.fit_dims) * len(c.fit_ratios),
     )
 )

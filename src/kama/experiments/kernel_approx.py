@@ -26,7 +26,7 @@ from ..png import png_kernel, png_kernel_quadrature
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import log_xticks, pyplot
 
-LABELS = {"gaussian": "URN", "hadamard": "HORN", "kama": "KAMA", "orthogonal": "ORN"}
+LABELS = {"gaussian": "URN", "hadamard": "HORN", "kama": "KAMA", "orthogonal": "ORN", "kama_blocked": "KAMA (blocked)"}
 ORDER = ("gaussian", "hadamard", "kama", "orthogonal")
 _DATASETS = datasets.NAMES + datasets.ALTERNATIVES
 
@@ -100,7 +100,7 @@ class KernelApproxConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, {"datasets": ("names", _DATASETS), "fig1_datasets": ("names", _DATASETS),
-                            "samplers": ("names", ORDER), "n_points": ("int", 2), "reps": ("int", 1),
+                            "samplers": ("names", tuple(LABELS)), "n_points": ("int", 2), "reps": ("int", 1),
                             "blocks": ("int", 1), "standardize": ("bool",), "seed": ("int", 0)})
 
 

@@ -17,6 +17,7 @@ The package is laid out by concern:
 from __future__ import annotations
 
 from . import library  # noqa: F401  (registers torch.ops.kama.*)
+from .blocked import blocked_pairs
 from .dispatch import (
     BACKENDS,
     COST_MODEL,
@@ -51,6 +52,7 @@ __all__ = [
     "angle_sensitivities",
     "as_plan",
     "asap_layers",
+    "blocked_pairs",
     "choose_backend",
     "cpu_kernel_available",
     "cuda_kernel_available",

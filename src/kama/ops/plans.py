@@ -151,12 +151,15 @@ class PlanCaches:
 
     Attributes:
         kernel_pairs: the compiled CPU kernel's capsule of validated pairs (or ``None`` until first use).
+        kernel_blocks: the compiled kernel's capsule of a register-blocked plan's groups, ``False`` for a plan
+            without that structure, ``None`` until first use.
         coefficients: a :class:`CoefficientCache` or ``None``.
         devices: :class:`DeviceTensors` by device.
     """
 
     def __init__(self) -> None:
         self.kernel_pairs: object | None = None
+        self.kernel_blocks: object | None = None
         self.coefficients: CoefficientCache | None = None
         self.devices: dict[torch.device, DeviceTensors] = {}
 
