@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+import _bench
 import kama
 from _bench import provenance_lines, write_section
 
@@ -56,10 +57,16 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_case(d: int, batch: int, backends: list[str], repeats: int) -> list[dict]:
+def make_plan(family: str, d: int, k: int, g: torch.Generator) -> kama.GivensPlan:
+    """The paper's Kac walk (``kac``) or a register-blocked plan (``blocked``) of ``k`` rotations."""
+    pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
+    return kama.GivensPlan(pairs, d)
+
+
+def bench_case(d: int, batch: int, backends: list[str], repeats: int, family: str = "kac") -> list[dict]:
     k = math.ceil(5 * d * math.log(d))
     g = torch.Generator().manual_seed(0)
-    plan = kama.GivensPlan(kama.random_pairs(d, k, generator=g), d)
+    plan = make_plan(family, d, k, g)
     angles = kama.random_angles(k, generator=g).requires_grad_(True)
     x = torch.randn(batch, d, generator=g, requires_grad=True)
     lin = torch.nn.Linear(d, d)
@@ -90,7 +97,7 @@ def bench_case(d: int, batch: int, backends: list[str], repeats: int) -> list[di
 
         t_f = median_time(fwd, repeats)
         t_fb = median_time(fb, repeats)
-        rows.append({"d": d, "k": k, "depth": plan.depth, "batch": batch, "backend": be,
+        rows.append({"d": d, "k": k, "depth": plan.depth, "batch": batch, "backend": be, "plans": family,
                      "fwd_ms": 1e3 * t_f, "linear_fwd_ms": 1e3 * t_lin_f, "fwd_speedup": t_lin_f / t_f,
                      "fb_ms": 1e3 * t_fb, "linear_fb_ms": 1e3 * t_lin_fb, "fb_speedup": t_lin_fb / t_fb,
                      "gflops": 6 * k * batch / t_f / 1e9})
@@ -117,7 +124,7 @@ def python_loop_row(d, k, batch, plan, angles, x, t_lin_f, t_lin_fb, repeats) ->
 
     t_f = median_time(fwd, max(3, repeats // 2)) * k / prefix
     t_fb = median_time(lambda: run().sum().backward(), max(3, repeats // 2)) * k / prefix
-    return {"d": d, "k": k, "depth": plan.depth, "batch": batch, "backend": "python-loop",
+    return {"d": d, "k": k, "depth": plan.depth, "batch": batch, "backend": "python-loop", "plans": "kac",
             "fwd_ms": 1e3 * t_f, "linear_fwd_ms": 1e3 * t_lin_f, "fwd_speedup": t_lin_f / t_f,
             "fb_ms": 1e3 * t_fb, "linear_fb_ms": 1e3 * t_lin_fb, "fb_speedup": t_lin_fb / t_fb,
             "gflops": 6 * k * batch / t_f / 1e9}
@@ -193,6 +200,8 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["cpu", "reference", "dense", "python-loop"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--plans", nargs="+", default=["kac"], choices=["kac", "blocked"],
+                    help="plan families: the paper's Kac walk and / or register-blocked plans (kama.ops.blocked_pairs)")
     ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's bench_givens section")
     args = ap.parse_args()
     rows = []
@@ -201,10 +210,16 @@ def main() -> None:
         torch.set_num_threads(threads)
         for d in args.dims:
             for b in args.batches:
-                new = bench_case(d, b, args.backends, args.repeats)
+                new = []
+                for family in args.plans:
+                    if family == "blocked" and d < 8:
+                        continue
+                    backends = args.backends if family == "kac" else [be for be in args.backends
+                                                                       if be != "python-loop"]
+                    new += bench_case(d, b, backends, args.repeats, family)
                 for x in new:
                     x["threads"] = threads
-                    print(f"{threads}t d={x['d']} B={x['batch']} {x['backend']}: fwd {x['fwd_ms']:.3f} ms "
+                    print(f"{threads}t d={x['d']} B={x['batch']} {x['plans']} {x['backend']}: fwd {x['fwd_ms']:.3f} ms "
                           f"(x{x['fwd_speedup']:.2f} vs Linear, {x['gflops']:.1f} GFLOP/s), f+b {x['fb_ms']:.3f} ms "
                           f"(x{x['fb_speedup']:.2f})", flush=True)
                 rows += new
@@ -222,19 +237,25 @@ def main() -> None:
     cmd = "python benchmarks/bench_givens.py " + " ".join(
         [f"--dims {' '.join(map(str, args.dims))}", f"--batches {' '.join(map(str, args.batches))}",
          f"--backends {' '.join(args.backends)}", f"--threads {' '.join(map(str, args.threads))}",
-         f"--repeats {args.repeats}"])
+         f"--repeats {args.repeats}", f"--plans {' '.join(args.plans)}"])
+    from kama.ops import tuning
+
+    print(f"machine: {_bench.machine().summary()}\nkernel settings: {tuning.current()}")
     lines = [
         *provenance_lines(cmd, " and ".join(map(str, args.threads))),
         "Times are medians; *speed-up* = nn.Linear time / backend time in the same run (> 1 is faster than "
         "dense). k = ceil(5 d ln d); GFLOP/s count 6 flops per rotation per vector (forward). `python-loop` is "
         "timed on a 300-rotation prefix and scaled to k.",
         "",
-        "| threads | d | k | layers | batch | backend | fwd ms | Linear fwd ms | fwd speed-up | fwd+bwd ms | "
+        f"Kernel settings: `{tuning.current()}`.",
+        "",
+        "| threads | d | k | layers | batch | plans | backend | fwd ms | Linear fwd ms | fwd speed-up | fwd+bwd ms | "
         "Linear fwd+bwd ms | fwd+bwd speed-up | GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['threads']} | {r['d']} | {r['k']} | {r['depth']} | {r['batch']} | {r['backend']} | "
+        lines.append(f"| {r['threads']} | {r['d']} | {r['k']} | {r['depth']} | {r['batch']} | {r['plans']} | "
+                     f"{r['backend']} | "
                      f"{r['fwd_ms']:.3f} | {r['linear_fwd_ms']:.3f} | {r['fwd_speedup']:.3f} | {r['fb_ms']:.3f} | "
                      f"{r['linear_fb_ms']:.3f} | {r['fb_speedup']:.3f} | {r['gflops']:.2f} |")
     lines += [""]

@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+# The CPU kernel's settings: the built-in ones (no calibration, no file in the user's cache), so that tile widths
+# are the same on every machine the tests run on; tests/test_tuning.py exercises the calibration itself.
+os.environ.setdefault("KAMA_TUNING", "defaults")
+
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's CPU interpreter (read when kama's kernels are first
     # JIT-decorated, so it must be set before that): tests/test_triton.py then checks them on CPU tensors.
@@ -51,3 +55,13 @@ def tol(dtype: torch.dtype, k: int = 0, d: int = 1) -> float:
     """Tolerance derived from the dtype: rounding grows like sqrt(number of operations)."""
     eps = torch.finfo(dtype).eps
     return 20.0 * math.sqrt(k + d + 1) * eps
+
+
+def set_tuning(monkeypatch: pytest.MonkeyPatch, **changes: object) -> None:
+    """Run the CPU kernel with some settings changed from the built-in ones (restored after the test)."""
+    from dataclasses import replace
+
+    from kama.ops import cpu, tuning
+
+    monkeypatch.setattr(tuning, "_CURRENT", replace(tuning.DEFAULTS, **changes))
+    monkeypatch.setattr(cpu, "_TILE_WIDTHS", {})

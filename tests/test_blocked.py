@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kama
-from conftest import oracle_matrix
+from conftest import oracle_matrix, set_tuning
 from kama.ops import blocked_pairs, cpu, givens_apply
 from kama.ops.blocked import BLOCK, GROUP_ROTATIONS, structure
 from kama.ops.plans import GivensPlan
@@ -74,7 +74,7 @@ def test_blocked_plans_match_the_oracle(d, groups, tail, batch, seed, dtype, bac
 @needs_kernel
 @pytest.mark.parametrize("n", [8, 9, 31, 64, 257])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_blocked_kernel_runs_and_agrees_across_tiles_and_threads(n, threads):
+def test_blocked_kernel_runs_and_agrees_across_tiles_and_threads(monkeypatch, n, threads):
     d, k = 40, 30 * GROUP_ROTATIONS + 5
     g = torch.Generator().manual_seed(n)
     plan = GivensPlan(blocked_pairs(d, k, generator=g), d)
@@ -84,14 +84,13 @@ def test_blocked_kernel_runs_and_agrees_across_tiles_and_threads(n, threads):
     try:
         torch.set_num_threads(threads)
         for cols in (8, 32, 128):
-            cpu.BLOCKED_TILE_COLUMNS = cols
+            set_tuning(monkeypatch, blocked_columns=cols)
             for transpose in (False, True):
                 y = givens_apply(x, plan, angles, backend="cpu", transpose=transpose)
                 torch.testing.assert_close(y, givens_apply(x, plan, angles, backend="reference", transpose=transpose),
                                            atol=1e-12, rtol=1e-12)
     finally:
         torch.set_num_threads(old)
-        cpu.BLOCKED_TILE_COLUMNS = 32
     assert cpu.kernel_blocks(plan) is not None  # the register-blocked walk ran
     kac = GivensPlan(kama.random_pairs(d, k, generator=g), d)
     givens_apply(x, kac, angles, backend="cpu")
@@ -159,8 +158,17 @@ def test_blocked_random_features_are_unbiased_and_orthogonal_per_block():
     m = random_matrix("kama_blocked", 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     w = m.to_dense() / m.row_scale[:, None]
     torch.testing.assert_close(w @ w.T, torch.eye(16, dtype=torch.float64), atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="d must be >= 8"):
-        random_matrix("kama_blocked", 4, 4)
+    # below 8 inputs the rotations act on the zero-padded input; rows keep chi(d) norms on the d inputs
+    small = random_matrix("kama_blocked", 3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert small.p == 8 and len(small.plans) == 3
+    norms = torch.cat([random_matrix("kama_blocked", 3, 8, generator=torch.Generator().manual_seed(s),
+                                     dtype=torch.float64).to_dense().norm(dim=1) for s in range(200)])
+    # chi(3): mean sqrt(2) Gamma(2) / Gamma(1.5) = 1.5958, sd 0.67; 1600 norms: 5 se ~ 0.085
+    assert abs(float(norms.mean()) - 1.5958) < 0.085
+    with pytest.raises(ValueError, match="c must be a positive"):
+        random_matrix("kama_blocked", 4, 4, c=-1.0)
+    with pytest.raises(ValueError, match="num_rotations must be >= 0"):
+        random_matrix("kama_blocked", 4, 4, num_rotations=-2)
 
 
 def test_blocked_walks_mix_like_kac_walks():

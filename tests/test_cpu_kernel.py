@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kama
+from conftest import set_tuning
 from kama.ops import cpu, dispatch
 from kama.ops.plans import GivensPlan, as_plan
 
@@ -30,7 +31,7 @@ def _problem(d=37, k=400, n=300, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("budget", [4096, 524288])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_every_tile_width_matches_reference(monkeypatch, n, budget, transpose):
-    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", budget)
+    set_tuning(monkeypatch, tile_budget_bytes=budget)
     pairs, angles, x = _problem(n=n, dtype=torch.float64)
     a1 = angles.clone().requires_grad_(True)
     a2 = angles.clone().requires_grad_(True)
@@ -228,7 +229,7 @@ def test_missing_kernel_falls_back_with_one_warning(monkeypatch):
 
 
 def test_tile_width_rule(monkeypatch):
-    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", 512 * 1024)
+    set_tuning(monkeypatch, tile_budget_bytes=512 * 1024)
     assert cpu.tile_width(1, 1024, 4, 1) == 1
     assert cpu.tile_width(5, 1024, 4, 1) == 8
     assert cpu.tile_width(64, 64, 4, 2) == 64
@@ -283,7 +284,7 @@ def test_scaled_apply_matches_composition():
 def test_fused_kama_linear_matches_the_unfused_composition(monkeypatch, shape, bias, dtype):
     from kama.ops.linear import _KamaLinearFunction, reference_linear
 
-    monkeypatch.setattr(cpu, "TILE_BUDGET_BYTES", 1024)  # several tiles per call
+    set_tuning(monkeypatch, tile_budget_bytes=1024)  # several tiles per call
     i, o = shape
     layer = kama.KamaLinear(i, o, bias=bias, num_rotations=40, dtype=dtype,
                             generator=torch.Generator().manual_seed(0))

@@ -414,7 +414,7 @@ def test_bad_environment_settings_warn_and_keep_the_default(tmp_path):
     import subprocess
     import sys
 
-    code = "import kama.ops.cpu as c; print(c.TILE_BUDGET_BYTES)"
+    code = "import kama.ops.tuning as t; print(t.current().tile_budget_bytes)"
     for value, default_kept in (("abc", True), ("-4", True), ("4096", False)):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**__import__("os").environ, "KAMA_TILE_BYTES": value})

@@ -104,9 +104,15 @@ def test_png_bad_input(call, err, match):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def min_dim(sampler, d):
+    """The register-blocked sampler needs d >= 8 (groups of 8 coordinates; tests/test_blocked.py checks the error)."""
+    return max(d, 8) if sampler == "kama_blocked" else d
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("d, m", [(8, 8), (7, 3), (5, 17), (16, 40)])
 def test_matrices_apply_equals_dense(sampler, d, m):
+    d = min_dim(sampler, d)
     w = random_matrix(sampler, d, m, generator=gen(1), dtype=torch.float64)
     x = torch.randn(4, d, dtype=torch.float64, generator=gen(2))
     dense = w.to_dense()
@@ -146,9 +152,9 @@ def test_chi_norms_and_fwht():
 
 def test_sampling_is_deterministic_and_device_independent():
     for s in SAMPLERS:
-        a = random_matrix(s, 6, 10, generator=gen(4), dtype=torch.float64).to_dense()
-        b = random_matrix(s, 6, 10, generator=gen(4), dtype=torch.float64).to_dense()
-        c = random_matrix(s, 6, 10, generator=gen(5), dtype=torch.float64).to_dense()
+        a = random_matrix(s, min_dim(s, 6), 10, generator=gen(4), dtype=torch.float64).to_dense()
+        b = random_matrix(s, min_dim(s, 6), 10, generator=gen(4), dtype=torch.float64).to_dense()
+        c = random_matrix(s, min_dim(s, 6), 10, generator=gen(5), dtype=torch.float64).to_dense()
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -156,7 +162,7 @@ def test_sampling_is_deterministic_and_device_independent():
     "call, err, match",
     [
         (lambda: random_matrix("sobol", 4, 4), ValueError, "sampler must be one of"),
-        (lambda: random_matrix("gaussian", 4, 4, num_rotations=3), ValueError, "kama' sampler only"),
+        (lambda: random_matrix("gaussian", 4, 4, num_rotations=3), ValueError, "'kama' samplers only"),
         (lambda: random_matrix("kama", 0, 4), ValueError, "d must be >= 1"),
         (lambda: random_matrix("kama", 4, 0), ValueError, "m must be >= 1"),
         (lambda: random_matrix("kama", 4, 4, num_rotations=-1), ValueError, "num_rotations must be >= 0"),

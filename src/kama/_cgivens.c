@@ -51,6 +51,7 @@ typedef struct {
     double sgn;           /* sign applied to s (-1 for the transpose) */
     int64_t tile;         /* T */
     const struct kama_blocks *blocks; /* register-blocked plans: their groups (the pairs' first rotations: the tail) */
+    int prefetch;         /* rotations ahead to prefetch (-1: the built-in rule) */
     int64_t t_begin, t_end; /* tile range of this worker */
     int thread_id;
     int status;
@@ -482,13 +483,13 @@ DEFINE_ROWS(double, f64)
 /* Workers                                                                                              */
 /* ---------------------------------------------------------------------------------------------------- */
 
-/* Rotations ahead whose rows the walk prefetches: 0 while the tile buffers fit the L2 (the hardware keeps up), */
-/* else 2 (measured at d = 4096, 2 MiB tiles: 33 -> 51 GFLOP/s standalone; 4 and 8 were no better).            */
+/* Rotations ahead whose rows the walk prefetches. A call may set it (job.prefetch >= 0, chosen by the Python  */
+/* side's tuning, kama.ops.tuning); by default 0 while the tile buffers fit the L2 (the hardware keeps up),    */
+/* else 2 (measured on an EPYC at d = 4096, 2 MiB tiles: 33 -> 51 GFLOP/s standalone; 4 and 8 no better).       */
 #define PREFETCH_MIN_BYTES (768 * 1024)
 #define PREFETCH_ROTATIONS 2
-static int prefetch_distance(size_t tile_bytes) {
-    return tile_bytes > PREFETCH_MIN_BYTES ? PREFETCH_ROTATIONS : 0;
-}
+#define prefetch_distance(TILE_BYTES) \
+    (j->prefetch >= 0 ? j->prefetch : ((size_t)(TILE_BYTES) > PREFETCH_MIN_BYTES ? PREFETCH_ROTATIONS : 0))
 
 #define DEFINE_WORKERS(TYPE, SUFFIX)                                                                        \
     static void *fwd_worker_##SUFFIX(void *arg) {                                                           \
@@ -1068,9 +1069,9 @@ static const kama_pairs_t *check_args(long long n, long long d, long long tile, 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     PyObject *tx, *ty, *pairs, *tcs, *tscale = Py_None;
     long long n, d, tile;
-    int nthreads, transpose;
-    if (!PyArg_ParseTuple(args, "OOOOLLLip|O", &tx, &ty, &pairs, &tcs, &n, &d, &tile, &nthreads, &transpose,
-                          &tscale))
+    int nthreads, transpose, prefetch = -1;
+    if (!PyArg_ParseTuple(args, "OOOOLLLip|Oi", &tx, &ty, &pairs, &tcs, &n, &d, &tile, &nthreads, &transpose,
+                          &tscale, &prefetch))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     PyObject *dt = p ? float_dtype(tx, "x") : NULL;
@@ -1094,7 +1095,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         Py_RETURN_NONE;
     }
     job_t proto = {.x = x, .y = y, .ij = ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = k,
-                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
+                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .prefetch = prefetch};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
@@ -1106,9 +1107,9 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     PyObject *ty, *tgy, *tgx, *tgacc, *pairs, *tcs;
     long long n, d, tile;
-    int nthreads, transpose;
-    if (!PyArg_ParseTuple(args, "OOOOOOLLLip", &ty, &tgy, &tgx, &tgacc, &pairs, &tcs, &n, &d, &tile, &nthreads,
-                          &transpose))
+    int nthreads, transpose, prefetch = -1;
+    if (!PyArg_ParseTuple(args, "OOOOOOLLLip|i", &ty, &tgy, &tgx, &tgacc, &pairs, &tcs, &n, &d, &tile, &nthreads,
+                          &transpose, &prefetch))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     PyObject *dt = p ? float_dtype(ty, "y") : NULL;
@@ -1121,7 +1122,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     if (n == 0) Py_RETURN_NONE;
     /* the worker reads the saved output through j->y */
     job_t proto = {.y = y, .gy = gy, .gx = gx, .gacc = (double *)gacc, .ij = p->ij, .cs = cs, .n = n, .d = d,
-                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile};
+                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile,
+                   .prefetch = prefetch};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(dt == dtype_f64 ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
@@ -1323,7 +1325,7 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
     char *coef = lin_coefficients(angles, p->k, is_double, &cbytes);
     if (!coef) return PyErr_NoMemory();
     job_t proto = {.x = x, .gx = out, .y = ysave, .ij = p->ij, .cs = coef, .scale = scale, .bias = bias, .n = n,
-                   .d = d, .k = p->k, .in_f = in_f, .out_f = out_f, .tile = tile};
+                   .d = d, .k = p->k, .in_f = in_f, .out_f = out_f, .tile = tile, .prefetch = -1};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? lin_fwd_worker_f64 : lin_fwd_worker_f32, &proto, nthreads);
@@ -1366,7 +1368,7 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
     if (!lacc || !coef) { buf_put(lacc, abytes); buf_put(coef, cbytes); return PyErr_NoMemory(); }
     memset(lacc, 0, abytes);
     job_t proto = {.gy = g, .y = ysave, .x = x, .gx = gx, .lacc = lacc, .ij = p->ij, .cs = coef, .scale = scale,
-                   .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f, .tile = tile};
+                   .n = n, .d = d, .k = k, .in_f = in_f, .out_f = out_f, .tile = tile, .prefetch = -1};
     int status = 0;
     if (n > 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -1484,4 +1486,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__cgivens(void) { return PyModule_Create(&module); }
+/* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
+#define KERNEL_VERSION 2
+
+PyMODINIT_FUNC PyInit__cgivens(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "KERNEL_VERSION", KERNEL_VERSION)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

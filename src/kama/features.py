@@ -35,6 +35,7 @@ import torch
 
 from ._checks import check_choice, check_int
 from .ops import GivensPlan, blocked_pairs, givens_apply, givens_apply_scaled, random_angles, random_pairs
+from .ops.blocked import BLOCK
 
 __all__ = [
     "SAMPLERS",
@@ -263,15 +264,62 @@ class KamaMatrix(RandomMatrix):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-class BlockedKamaMatrix(KamaMatrix):
+class BlockedKamaMatrix(RandomMatrix):
     r"""KRN with register-blocked planes (:func:`kama.ops.blocked_pairs`: groups of 12 butterfly rotations on 8
-    coordinates, a random permutation per phase) instead of Kac's i.i.d. ones; the same ``k`` and the same
-    :math:`\chi(d)` renormalization. Needs ``d >= 8``."""
+    coordinates, a random permutation per phase) instead of Kac's i.i.d. ones, the same ``k`` (default
+    ``ceil(c p ln p)``) and the same :math:`\chi(d)` row norms.
+
+    The rotations act on ``p = max(d, 8)`` coordinates: below 8 inputs the input is zero-padded (a group needs 8
+    coordinates) and, as for HORN, each row restricted to the ``d`` input coordinates is renormalized to a
+    :math:`\chi(d)` norm. Blocks of ``p`` rows are stacked until ``m`` rows.
+
+    Example:
+        >>> w = BlockedKamaMatrix(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> w.to_dense().shape
+        torch.Size([5, 3])
+    """
 
     name = "kama_blocked"
 
-    def _pairs(self, generator: torch.Generator | None) -> torch.Tensor:
-        return blocked_pairs(self.d, self.num_rotations, generator=generator)
+    def __init__(self, d: int, m: int, *, num_rotations: int | None = None, c: float = 5.0, **kw) -> None:
+        super().__init__(d, m, **kw)
+        g = kw.get("generator")
+        self.p = max(self.d, BLOCK)
+        if num_rotations is None:
+            if not (isinstance(c, (int, float)) and c > 0):
+                raise ValueError(f"c must be a positive number, got {c!r}")
+            num_rotations = math.ceil(c * self.p * math.log(self.p))
+        self.num_rotations = check_int("num_rotations", num_rotations, minimum=0)
+        self.plans: list[GivensPlan] = []
+        self.angles: list[torch.Tensor] = []
+        scales = []
+        eye = torch.nn.functional.pad(torch.eye(self.d, dtype=torch.float64), (0, self.p - self.d))
+        for _ in range(math.ceil(self.m / self.p)):
+            # A row of a padded block may nearly vanish on the d inputs (a useless feature): redraw that block.
+            for _attempt in range(100):
+                plan = GivensPlan(blocked_pairs(self.p, self.num_rotations, generator=g), self.p)
+                angles = random_angles(self.num_rotations, generator=g, dtype=torch.float64)
+                norms = givens_apply(eye, plan, angles).norm(dim=0)  # (p,) norms of the rows' restrictions
+                if self.p == self.d or float(norms.min()) > 1e-6:
+                    break
+            self.plans.append(plan)
+            self.angles.append(angles.to(self.dtype).to(self.device))
+            chi = chi_norms(self.d, self.p, g)
+            scales.append(chi if self.p == self.d else chi / norms)
+        self.row_scale = torch.cat(scales)[: self.m].to(self.dtype).to(self.device)
+
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        X = self._check(X)
+        if self.p > self.d:
+            X = torch.nn.functional.pad(X, (0, self.p - self.d))
+        outs = []
+        for b, (plan, angles) in enumerate(zip(self.plans, self.angles, strict=True)):
+            scale = self.row_scale[b * self.p : (b + 1) * self.p]
+            if scale.numel() < self.p:  # truncated last block: scale the kept rows only
+                outs.append(givens_apply(X, plan, angles)[..., : scale.numel()] * scale)
+            else:
+                outs.append(givens_apply_scaled(X, plan, angles, scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 _CLASSES: dict[str, type[RandomMatrix]] = {

@@ -3,8 +3,9 @@ r"""Glue of the compiled CPU kernel ``kama._cgivens`` (plain C, built by ``setup
 
 The extension takes ``torch.Tensor`` objects and checks each one's dtype, device, contiguity and size against the
 call before touching its memory; plans hand it their pairs once, validated into a capsule it owns. This module
-chooses the tile width and the threads, keeps the cos / sin of large plans, and turns tensors into the
-contiguous float32 / float64 buffers the kernels read.
+chooses the tile width (from the settings measured for this machine, :mod:`kama.ops.tuning`) and the threads,
+keeps the cos / sin of large plans, and turns tensors into the contiguous float32 / float64 buffers the kernels
+read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from .._checks import env_int
+from . import tuning
 from .plans import CoefficientCache, GivensPlan
 from .reference import compute_dtype
 
@@ -27,7 +28,7 @@ except ImportError as _e:  # pragma: no cover - exercised by simulating the fail
     KERNEL_ERROR = _e
 
 __all__ = ["available", "tile_width", "kernel_threads", "coefficients", "forward", "backward", "linear_forward",
-           "linear_backward", "TILE_BUDGET_BYTES", "COEF_CACHE_MIN_ROTATIONS", "warn_unavailable"]
+           "linear_backward", "COEF_CACHE_MIN_ROTATIONS", "warn_unavailable"]
 
 _WARNED = False
 _OPENMP: bool | None = None  # whether the kernel's threads run on torch's OpenMP team (decided at first use)
@@ -67,36 +68,20 @@ def _module() -> object:
     return _cgivens
 
 
-TILE_BUDGET_BYTES = env_int("KAMA_TILE_BYTES", 2 * 1024 * 1024, minimum=1024)
-"""Cache budget of the compiled kernel's tiles (environment ``KAMA_TILE_BYTES``, read at import)."""
-
-_TILE_WIDTHS: dict[tuple[int, int, int, int, int], int] = {}
-
-
 def tile_width(n_rows: int, d: int, itemsize: int, buffers: int) -> int:
-    """Batch columns per tile of the compiled kernel.
-
-    A power of two no wider than the batch needs (at most 128), narrowed while ``buffers`` tiles of ``d x T``
-    exceed :data:`TILE_BUDGET_BYTES` (default 2 MiB, twice this machine's L2), but not below 64 columns for a
-    one-buffer pass (forward) or 32 for a two-buffer pass (backward): narrower tiles leave too little SIMD work
-    per rotation (measured: 16 columns run at a quarter of the speed of 32-128 on this EPYC; at d = 4096 a
-    forward over 64-column tiles, 1 MiB each, is 20-25% faster than over 32-column ones). Tiles larger than
-    the L2 are walked with software prefetches of the rows a few rotations ahead (the C kernel decides), so
-    wider tiles pay: at d = 4096 a forward over 128 columns (2 MiB) runs at 41 GFLOP/s, over 64 at 33.
-    """
-    key = (n_rows, d, itemsize, buffers, TILE_BUDGET_BYTES)
-    t = _TILE_WIDTHS.get(key)
-    if t is None:
-        t = 1
-        while t < min(n_rows, 128):
-            t *= 2
-        floor = 64 if buffers == 1 else 32
-        while t > floor and buffers * d * t * itemsize > TILE_BUDGET_BYTES:
-            t //= 2
+    """Batch columns per tile of the compiled kernel (:meth:`kama.ops.tuning.Tuning.tile_width` of the settings
+    in effect; memoized)."""
+    t = tuning.current()
+    key = (n_rows, d, itemsize, buffers, id(t))
+    w = _TILE_WIDTHS.get(key)
+    if w is None:
         if len(_TILE_WIDTHS) > 4096:
             _TILE_WIDTHS.clear()
-        _TILE_WIDTHS[key] = t
-    return t
+        w = _TILE_WIDTHS[key] = t.tile_width(n_rows, d, itemsize, buffers)
+    return w
+
+
+_TILE_WIDTHS: dict[tuple[int, int, int, int, int], int] = {}
 
 
 def kernel_threads(n_rows: int, k: int) -> int:
@@ -142,11 +127,6 @@ def kernel_blocks(plan: GivensPlan) -> object | None:
     return caches.kernel_blocks or None
 
 
-BLOCKED_TILE_COLUMNS = 32
-"""Batch columns per tile of the register-blocked walk (measured on the EPYC: 80 GFLOP/s at 32 columns, 77 at 64
-and 73 at 128 for d = 1024; narrower tiles leave the groups' loads less to overlap)."""
-
-
 def _vector_width(cdtype: torch.dtype) -> int:
     return 4 if cdtype == torch.float64 else 8
 
@@ -186,12 +166,13 @@ def forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: 
     k = plan.num_rotations
     blocks = kernel_blocks(plan) if n >= _vector_width(cdtype) else None
     if blocks is not None:
-        tile = max(_vector_width(cdtype), min(BLOCKED_TILE_COLUMNS, tile_width(n, d, xc.element_size(), 1)))
+        tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, xc.element_size(), 1)))
         _module().forward_blocked(xc, y, kernel_pairs(plan), blocks, cs, n, d, tile, kernel_threads(n, k), transpose,
                                   scale)
     else:
-        _module().forward(xc, y, kernel_pairs(plan), cs, n, d, tile_width(n, d, xc.element_size(), 1),
-                          kernel_threads(n, k), transpose, scale)
+        tile = tile_width(n, d, xc.element_size(), 1)
+        _module().forward(xc, y, kernel_pairs(plan), cs, n, d, tile, kernel_threads(n, k), transpose, scale,
+                          tuning.current().prefetch_for(d * tile * xc.element_size()))
     return y if cdtype == x.dtype else y.to(x.dtype)
 
 
@@ -209,11 +190,12 @@ def backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: Give
     gacc = torch.zeros(threads, k, dtype=torch.float64)
     blocks = kernel_blocks(plan) if n >= _vector_width(cdtype) else None
     if blocks is not None:
-        tile = max(_vector_width(cdtype), min(BLOCKED_TILE_COLUMNS, tile_width(n, d, yc.element_size(), 2)))
+        tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, yc.element_size(), 2)))
         _module().backward_blocked(yc, gc, gx, gacc, kernel_pairs(plan), blocks, cs, n, d, tile, threads, transpose)
     else:
-        _module().backward(yc, gc, gx, gacc, kernel_pairs(plan), cs, n, d, tile_width(n, d, yc.element_size(), 2),
-                           threads, transpose)
+        tile = tile_width(n, d, yc.element_size(), 2)
+        _module().backward(yc, gc, gx, gacc, kernel_pairs(plan), cs, n, d, tile, threads, transpose,
+                           tuning.current().prefetch_for(2 * d * tile * yc.element_size()))
     g_applied = gacc.sum(0) if threads > 1 else gacc[0]
     g_angles = as_dtype(-g_applied if transpose else g_applied, angles.dtype)
     return (gx if gx.dtype == y.dtype else gx.to(y.dtype)), g_angles

@@ -1,0 +1,127 @@
+/* Micro-benchmarks of the CPU walk's inner loop (benchmarks/bench_kernel_bounds.py compiles and runs this).
+ * A (d, T) float tile in feature-major layout, T batch columns per row; one "rotation-vector" is one rotation
+ * applied to 8 consecutive columns (one 256-bit vector). Each variant prints nanoseconds per rotation-vector;
+ * with the clock estimate (a chain of dependent integer adds, one cycle each) they become cycles. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifndef T
+#define T 64
+#endif
+typedef float vf __attribute__((vector_size(32), aligned(4)));
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+/* the production loop: 2 loads, 2 stores, 2 mul + 2 fma per rotation-vector, rows at random */
+__attribute__((noinline)) void walk(float *restrict buf, const int32_t *restrict ij, const float *restrict cs, int64_t k) {
+    for (int64_t r = k - 1; r >= 0; --r) {
+        float *restrict a = buf + (int64_t)ij[2 * r] * T, *restrict b = buf + (int64_t)ij[2 * r + 1] * T;
+        const float c = cs[2 * r], s = cs[2 * r + 1];
+        for (int t = 0; t < T; ++t) { float va = a[t], vb = b[t]; a[t] = c * va - s * vb; b[t] = s * va + c * vb; }
+    }
+}
+/* loads only: both rows read and summed, nothing stored */
+__attribute__((noinline)) float loads(const float *restrict buf, const int32_t *restrict ij, int64_t k) {
+    vf acc = {0};
+    for (int64_t r = k - 1; r >= 0; --r) {
+        const float *a = buf + (int64_t)ij[2 * r] * T, *b = buf + (int64_t)ij[2 * r + 1] * T;
+        for (int t = 0; t < T; t += 8) { vf va, vb; memcpy(&va, a + t, 32); memcpy(&vb, b + t, 32); acc += va + vb; }
+    }
+    float s = 0; for (int l = 0; l < 8; ++l) s += acc[l]; return s;
+}
+/* stores only: both rows written, nothing read */
+__attribute__((noinline)) void stores(float *restrict buf, const int32_t *restrict ij, const float *restrict cs, int64_t k) {
+    for (int64_t r = k - 1; r >= 0; --r) {
+        float *a = buf + (int64_t)ij[2 * r] * T, *b = buf + (int64_t)ij[2 * r + 1] * T;
+        vf c = {cs[2 * r], cs[2 * r], cs[2 * r], cs[2 * r], cs[2 * r], cs[2 * r], cs[2 * r], cs[2 * r]};
+        for (int t = 0; t < T; t += 8) { memcpy(a + t, &c, 32); memcpy(b + t, &c, 32); }
+    }
+}
+/* FP only: the rotation's arithmetic on 8 register-resident vector pairs (independent chains), no memory */
+__attribute__((noinline)) float fp_only(const float *restrict cs, int64_t k) {
+    vf x[8], y[8];
+    for (int u = 0; u < 8; ++u) for (int l = 0; l < 8; ++l) { x[u][l] = 1.0f + u + l; y[u][l] = 0.5f * u - l; }
+    for (int64_t r = 0; r < k; ++r) {
+        const float c = cs[2 * r], s = cs[2 * r + 1];
+        for (int u = 0; u < 8; ++u) { vf t = x[u]; x[u] = c * t - s * y[u]; y[u] = s * t + c * y[u]; }
+    }
+    float z = 0; for (int u = 0; u < 8; ++u) z += x[u][0] + y[u][7]; return z;
+}
+/* the walk on disjoint row pairs in a fixed cycle: no rotation reads a row that an earlier one just stored */
+__attribute__((noinline)) void nodep(float *restrict buf, const float *restrict cs, int64_t k, int64_t d) {
+    for (int64_t r = 0; r < k; ++r) {
+        const int64_t i = (2 * r) % d, j = (2 * r + 1) % d;
+        float *restrict a = buf + i * T, *restrict b = buf + j * T;
+        const float c = cs[2 * r], s = cs[2 * r + 1];
+        for (int t = 0; t < T; ++t) { float va = a[t], vb = b[t]; a[t] = c * va - s * vb; b[t] = s * va + c * vb; }
+    }
+}
+/* register-blocked groups: 8 rows loaded once, 12 butterfly rotations in registers, stored once */
+#define ROT(x, y, c, s) { vf t_ = x; x = c * t_ - s * y; y = s * t_ + c * y; }
+__attribute__((noinline)) void blocked(float *restrict buf, const int32_t *restrict slots, const float *restrict cs, int64_t groups) {
+    for (int64_t g = 0; g < groups; ++g) {
+        const int32_t *sl = slots + 8 * g; const float *q = cs + 24 * g;
+        float *p[8]; for (int u = 0; u < 8; ++u) p[u] = buf + (int64_t)sl[u] * T;
+        for (int t = 0; t < T; t += 8) {
+            vf v[8]; for (int u = 0; u < 8; ++u) memcpy(&v[u], p[u] + t, 32);
+            ROT(v[0], v[1], q[0], q[1]) ROT(v[2], v[3], q[2], q[3]) ROT(v[4], v[5], q[4], q[5]) ROT(v[6], v[7], q[6], q[7])
+            ROT(v[0], v[2], q[8], q[9]) ROT(v[1], v[3], q[10], q[11]) ROT(v[4], v[6], q[12], q[13]) ROT(v[5], v[7], q[14], q[15])
+            ROT(v[0], v[4], q[16], q[17]) ROT(v[1], v[5], q[18], q[19]) ROT(v[2], v[6], q[20], q[21]) ROT(v[3], v[7], q[22], q[23])
+            for (int u = 0; u < 8; ++u) memcpy(p[u] + t, &v[u], 32);
+        }
+    }
+}
+__attribute__((noinline)) uint64_t clock_chain(uint64_t n) {
+    uint64_t x = 1;
+    for (uint64_t i = 0; i < n; ++i) __asm__ volatile("add $1, %0" : "+r"(x));
+    return x;
+}
+
+int main(int argc, char **argv) {
+    const int64_t d = argc > 1 ? atoi(argv[1]) : 1024, reps = argc > 2 ? atoi(argv[2]) : 5;
+    int64_t groups = (int64_t)ceil(5.0 * d * log((double)d)) / 12, k = 12 * groups;
+    float *buf = aligned_alloc(64, (size_t)(d * T) * sizeof(float));
+    for (int64_t i = 0; i < d * T; ++i) buf[i] = (float)rand() / RAND_MAX - 0.5f;
+    int32_t *ij = malloc((size_t)k * 8), *slots = malloc((size_t)groups * 32), *perm = malloc((size_t)d * 4);
+    float *cs = malloc((size_t)k * 8);
+    for (int64_t r = 0; r < k; ++r) {
+        int i = rand() % d, j = rand() % (d - 1); if (j >= i) ++j;
+        ij[2 * r] = i; ij[2 * r + 1] = j; double th = 6.283 * rand() / RAND_MAX; cs[2 * r] = cos(th); cs[2 * r + 1] = sin(th);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+        if (g % (d / 8) == 0) {
+            for (int i = 0; i < d; ++i) perm[i] = i;
+            for (int i = d - 1; i > 0; --i) { int j = rand() % (i + 1), t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
+        }
+        for (int u = 0; u < 8; ++u) slots[8 * g + u] = perm[8 * (g % (d / 8)) + u];
+    }
+    const double rv = (double)k * (T / 8);  /* rotation-vectors per pass */
+    double best[7] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
+    volatile float sink = 0;
+    for (int rep = 0; rep < reps; ++rep) {
+        double t0 = now(); walk(buf, ij, cs, k);
+        double t1 = now(); sink += loads(buf, ij, k);
+        double t2 = now(); stores(buf, ij, cs, k);
+        double t3 = now(); sink += fp_only(cs, k * (T / 8) / 8);
+        double t4 = now(); nodep(buf, cs, k, d);
+        double t5 = now(); blocked(buf, slots, cs, groups);
+        double t6 = now(); clock_chain(100000000);
+        double t7 = now();
+        double dt[7] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6};
+        for (int v = 0; v < 7; ++v) best[v] = dt[v] < best[v] ? dt[v] : best[v];
+    }
+    const double ghz = 100000000 / best[6] * 1e-9;
+    const char *names[6] = {"walk", "loads", "stores", "fp_only", "nodep", "blocked"};
+    printf("{\"d\": %ld, \"T\": %d, \"tile_kib\": %.0f, \"ghz\": %.3f", d, T, d * T * 4 / 1024.0, ghz);
+    for (int v = 0; v < 6; ++v) printf(", \"%s_ns\": %.4f", names[v], best[v] / rv * 1e9);
+    printf("}\n");
+    return (int)(sink == 12345.0f);
+}

@@ -1,0 +1,268 @@
+r"""The CPU kernel's tunable settings, measured once per machine.
+
+The compiled walk's speed depends on the core: which cache level the batch tile sits in, how many columns one
+rotation's SIMD work spans, whether prefetching rows ahead pays. Rather than constants tuned to one machine, the
+settings are chosen at the first use of the kernel on a machine by a short calibration (about a second: the
+forward and backward walks timed at a few tile widths, prefetch distances and blocked-walk widths on batches of
+``d = 1024`` and ``4096``), and stored in the user's cache directory keyed by the CPU (model, caches, SIMD level,
+:mod:`kama.ops.machine`) and the kernel's version, so later processes read them.
+
+Only tiles of at least :data:`MIN_TUNED_DIM` features use the measured widths: small layers (RL policies) keep the
+fixed rule, so their results do not depend on the machine's calibration.
+
+Environment:
+
+* ``KAMA_TUNING``: ``auto`` (default: the cached settings, else calibrate and cache), ``defaults`` (the built-in
+  settings, no measurement, no file), ``calibrate`` (measure again and overwrite the cache).
+* ``KAMA_CACHE_DIR``: the directory of ``tuning.json`` (default ``$XDG_CACHE_HOME/kama-nn`` or ``~/.cache/kama-nn``).
+* ``KAMA_TILE_BYTES``, ``KAMA_TILE_COLUMNS``, ``KAMA_PREFETCH``, ``KAMA_BLOCKED_COLUMNS``: fix one setting (they win
+  over the measured ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._checks import env_int
+from .machine import describe
+
+__all__ = ["Tuning", "DEFAULTS", "current", "calibrate", "cache_path", "MIN_TUNED_DIM", "TUNING_MODES"]
+
+MIN_TUNED_DIM = 256
+"""Tiles with fewer features keep the built-in widths (they fit the L1 or L2 on every x86-64 core)."""
+
+TUNING_MODES: tuple[str, ...] = ("auto", "defaults", "calibrate")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Settings of the compiled CPU walk.
+
+    Attributes:
+        tile_budget_bytes: the tile buffers' cache budget; wider tiles are narrowed until they fit it.
+        max_columns: batch columns of a tile at most (a power of two, 8-128).
+        forward_min_columns, backward_min_columns: narrowing stops there (one-buffer / two-buffer passes).
+        prefetch: rotations ahead whose rows the walk prefetches for tiles larger than ``prefetch_min_bytes``.
+        prefetch_min_bytes: from this tile size on, ``prefetch`` applies (0 below).
+        blocked_columns: batch columns of the register-blocked walk's tiles.
+        source: ``"defaults"``, ``"calibrated"`` (with the date) or ``"environment"``.
+    """
+
+    tile_budget_bytes: int = 2 * 1024 * 1024
+    max_columns: int = 128
+    forward_min_columns: int = 64
+    backward_min_columns: int = 32
+    prefetch: int = 2
+    prefetch_min_bytes: int = 768 * 1024
+    blocked_columns: int = 32
+    source: str = "defaults"
+
+    def tile_width(self, n_rows: int, d: int, itemsize: int, buffers: int) -> int:
+        """Batch columns per tile: a power of two no wider than the batch needs (at most :attr:`max_columns`,
+        128 for tiles under :data:`MIN_TUNED_DIM` features), narrowed while ``buffers`` tiles of ``d x T`` exceed
+        the budget, but not below the pass's minimum."""
+        tuned = d >= MIN_TUNED_DIM
+        cap = self.max_columns if tuned else 128
+        t = 1
+        while t < min(n_rows, cap):
+            t *= 2
+        floor = (self.forward_min_columns if buffers == 1 else self.backward_min_columns) if tuned else \
+            (64 if buffers == 1 else 32)
+        floor = min(floor, cap)
+        budget = self.tile_budget_bytes if tuned else DEFAULTS.tile_budget_bytes
+        while t > floor and buffers * d * t * itemsize > budget:
+            t //= 2
+        return t
+
+    def prefetch_for(self, tile_bytes: int) -> int:
+        """Rotations ahead to prefetch for a tile of ``tile_bytes`` (all its buffers)."""
+        return self.prefetch if tile_bytes > self.prefetch_min_bytes else 0
+
+
+DEFAULTS = Tuning()
+"""The built-in settings (measured on an AMD EPYC with 1 MiB L2 per core)."""
+
+
+def cache_path() -> Path:
+    """Where the measured settings are stored (``KAMA_CACHE_DIR``, else the user's cache directory)."""
+    base = os.environ.get("KAMA_CACHE_DIR")
+    if base:
+        return Path(base) / "tuning.json"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "kama-nn" / "tuning.json"
+
+
+def _key(kernel_version: int) -> str:
+    return f"{describe().key()}|kernel {kernel_version}"
+
+
+def _read_cache(key: str) -> Tuning | None:
+    try:
+        data = json.loads(cache_path().read_text())
+        entry = data[key]
+        fields = {f for f in Tuning.__dataclass_fields__}
+        return Tuning(**{k: v for k, v in entry.items() if k in fields})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(key: str, tuning: Tuning) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[key] = asdict(tuning)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: the settings hold for this process only
+        warnings.warn(f"kama: could not store the CPU kernel's tuning in {path} ({e})", RuntimeWarning, stacklevel=3)
+
+
+def _best(candidates: list[Any], run: Callable[[Any], None], repeats: int = 5) -> Any:
+    """The candidate whose fastest call (after one warm-up call; the minimum is what interference cannot lower) is
+    fastest."""
+    times = {}
+    for c in candidates:
+        run(c)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(c)
+            ts.append(time.perf_counter() - t0)
+        times[c] = min(ts)
+    return min(candidates, key=lambda c: times[c])
+
+
+def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = None) -> Tuning:
+    """Measure the settings on this machine (one thread; about a second). ``timer(candidates, run)`` picks the
+    fastest candidate (default: the fastest of five timed calls each); tests pass their own."""
+    from . import cpu
+    from .blocked import blocked_pairs
+    from .plans import GivensPlan
+    from .sampling import random_angles, random_pairs
+
+    pick = timer or _best
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        t = DEFAULTS
+        d = 1024
+        k = math.ceil(2 * d * math.log(d))
+        plan = GivensPlan(random_pairs(d, k, generator=g), d)
+        angles = random_angles(k, generator=g)
+        cs = cpu.coefficients(plan, angles, torch.float32)
+        x = torch.randn(256, d, generator=g)
+        y = torch.empty_like(x)
+        C, pairs = cpu._module(), cpu.kernel_pairs(plan)
+
+        def fwd(cols: int) -> None:
+            C.forward(x, y, pairs, cs, 256, d, cols, 1, False, None, t.prefetch_for(d * cols * 4))
+
+        cols = pick([32, 64, 128], fwd)
+        t = replace(t, max_columns=cols, forward_min_columns=min(t.forward_min_columns, cols))
+        gacc = torch.zeros(1, k, dtype=torch.float64)
+        gx = torch.empty_like(x)
+
+        def bwd(cols: int) -> None:
+            C.backward(y, x, gx, gacc, pairs, cs, 256, d, cols, 1, False, t.prefetch_for(2 * d * cols * 4))
+
+        bcols = pick([16, 32, 64], bwd)
+        t = replace(t, backward_min_columns=min(bcols, t.max_columns))
+        d4 = 4096
+        k4 = math.ceil(d4 * math.log(d4))
+        plan4 = GivensPlan(random_pairs(d4, k4, generator=g), d4)
+        cs4 = cpu.coefficients(plan4, random_angles(k4, generator=g), torch.float32)
+        x4 = torch.randn(t.max_columns, d4, generator=g)
+        y4 = torch.empty_like(x4)
+        pairs4 = cpu.kernel_pairs(plan4)
+
+        def pf(distance: int) -> None:
+            C.forward(x4, y4, pairs4, cs4, x4.shape[0], d4, t.max_columns, 1, False, None, distance)
+
+        t = replace(t, prefetch=pick([0, 2, 4], pf))
+        blk = GivensPlan(blocked_pairs(d, k, generator=g), d)
+        bl, bp = cpu.kernel_blocks(blk), cpu.kernel_pairs(blk)
+
+        def blocked(cols: int) -> None:
+            C.forward_blocked(x, y, bp, bl, cs, 256, d, cols, 1, False)
+
+        t = replace(t, blocked_columns=pick([16, 32, 64], blocked))
+        return replace(t, source=f"calibrated {time.strftime('%Y-%m-%d')}")
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _with_environment(t: Tuning) -> Tuning:
+    env = {"tile_budget_bytes": env_int("KAMA_TILE_BYTES", t.tile_budget_bytes, minimum=1024),
+           "max_columns": env_int("KAMA_TILE_COLUMNS", t.max_columns, minimum=1),
+           "prefetch": env_int("KAMA_PREFETCH", t.prefetch, minimum=0),
+           "blocked_columns": env_int("KAMA_BLOCKED_COLUMNS", t.blocked_columns, minimum=8)}
+    for name in ("max_columns", "blocked_columns"):
+        v = env[name]
+        if v & (v - 1) or v > 128:
+            warnings.warn(f"kama: {name} must be a power of two <= 128, got {v}; using {getattr(t, name)}",
+                          RuntimeWarning, stacklevel=3)
+            env[name] = getattr(t, name)
+    changed = {k: v for k, v in env.items() if v != getattr(t, k)}
+    return replace(t, **changed, source="environment") if changed else t
+
+
+_CURRENT: Tuning | None = None
+_LOCK = threading.Lock()
+
+
+def current() -> Tuning:
+    """The settings in effect (decided at the first call; see the module docstring for the environment)."""
+    global _CURRENT
+    if _CURRENT is not None:
+        return _CURRENT
+    with _LOCK:
+        if _CURRENT is None:
+            _CURRENT = _with_environment(_resolve())
+    return _CURRENT
+
+
+def _resolve() -> Tuning:
+    from . import cpu
+
+    mode = os.environ.get("KAMA_TUNING", "auto").strip() or "auto"
+    if mode not in TUNING_MODES:
+        warnings.warn(f"kama: ignoring KAMA_TUNING={mode!r}: it must be one of {list(TUNING_MODES)}; using 'auto'",
+                      RuntimeWarning, stacklevel=4)
+        mode = "auto"
+    if mode == "defaults" or not cpu.available():
+        return DEFAULTS
+    key = _key(cpu._cgivens.KERNEL_VERSION)
+    if mode == "auto":
+        cached = _read_cache(key)
+        if cached is not None:
+            return cached
+    measured = calibrate()
+    _write_cache(key, measured)
+    return measured
+
+
+def reset() -> None:
+    """Forget the settings in effect (the next kernel call decides them again)."""
+    global _CURRENT
+    _CURRENT = None

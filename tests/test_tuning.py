@@ -1,0 +1,118 @@
+"""The CPU kernel's settings per machine: the built-in rule, calibration (with a fake timer: which candidate
+wins decides the settings), the cache file keyed by machine and kernel version, and the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kama
+from kama.ops import cpu, tuning
+from kama.ops.machine import describe
+
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="compiled kernel not built")
+
+
+def test_machine_description():
+    m = describe()
+    assert m.cores >= 1 and m.simd in ("avx512", "avx2", "avx", "sse", "neon", "unknown")
+    assert m.model in m.summary() and "|" in m.key() and " " not in m.slug()
+    assert json.loads(json.dumps(m.as_dict()))["model"] == m.model
+
+
+def test_built_in_rule():
+    t = tuning.DEFAULTS
+    assert t.tile_width(1, 1024, 4, 1) == 1
+    assert t.tile_width(300, 1024, 4, 1) == 128 and t.tile_width(300, 4096, 4, 2) == 64
+    small = tuning.Tuning(max_columns=16, forward_min_columns=16)
+    assert small.tile_width(300, 1024, 4, 1) == 16
+    assert small.tile_width(300, 64, 4, 1) == 128  # under MIN_TUNED_DIM features: the built-in rule
+    assert t.prefetch_for(t.prefetch_min_bytes + 1) == 2 and t.prefetch_for(1024) == 0
+
+
+@needs_kernel
+def test_calibration_takes_the_fastest_candidates():
+    seen = []
+
+    def fastest_is_last(candidates, run):  # runs every candidate once, picks the last one
+        for c in candidates:
+            run(c)
+        seen.append(list(candidates))
+        return candidates[-1]
+
+    t = tuning.calibrate(timer=fastest_is_last)
+    assert seen == [[32, 64, 128], [16, 32, 64], [0, 2, 4], [16, 32, 64]]
+    assert (t.max_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == (128, 64, 4, 64)
+    assert t.source.startswith("calibrated")
+
+    def fastest_is_first(candidates, run):
+        run(candidates[0])
+        return candidates[0]
+
+    t = tuning.calibrate(timer=fastest_is_first)
+    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch) == (32, 32, 16, 0)
+    assert t.tile_width(300, 1024, 4, 1) == 32
+
+
+PROBE = """
+import json, kama, torch
+from kama.ops import tuning
+x = torch.randn(300, 1024)
+kama.givens_apply(x, kama.random_pairs(1024, 2000), kama.random_angles(2000), backend="cpu")
+print(json.dumps(tuning.current().__dict__))
+"""
+
+
+def _run(tmp_path, **env):
+    full = {**os.environ, "KAMA_CACHE_DIR": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=full, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@needs_kernel
+def test_first_use_calibrates_once_and_later_processes_read_the_cache(tmp_path):
+    first, _ = _run(tmp_path, KAMA_TUNING="auto")
+    assert first["source"].startswith("calibrated")
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    (key,) = data
+    assert describe().key() in key and f"kernel {cpu._cgivens.KERNEL_VERSION}" in key
+    data[key]["max_columns"] = 16  # a cached value is what later processes use
+    data[key]["forward_min_columns"] = 16
+    (tmp_path / "tuning.json").write_text(json.dumps(data))
+    second, _ = _run(tmp_path, KAMA_TUNING="auto")
+    assert second["max_columns"] == 16
+    again, _ = _run(tmp_path, KAMA_TUNING="calibrate")  # measured again, cache overwritten
+    assert again["source"].startswith("calibrated")
+    assert json.loads((tmp_path / "tuning.json").read_text())[key]["max_columns"] == again["max_columns"]
+    env, _ = _run(tmp_path, KAMA_TUNING="auto", KAMA_TILE_COLUMNS="32", KAMA_PREFETCH="0")
+    assert env["max_columns"] == 32 and env["prefetch"] == 0 and env["source"] == "environment"
+    (tmp_path / "tuning.json").write_text("not json")  # a damaged cache is measured again
+    fresh, _ = _run(tmp_path, KAMA_TUNING="auto")
+    assert fresh["source"].startswith("calibrated")
+
+
+def test_defaults_mode_and_bad_settings(tmp_path):
+    got, _ = _run(tmp_path, KAMA_TUNING="defaults")
+    assert got["source"] == "defaults" and not (tmp_path / "tuning.json").exists()
+    got, err = _run(tmp_path, KAMA_TUNING="sometimes", KAMA_TILE_COLUMNS="48")
+    assert "KAMA_TUNING='sometimes'" in err and "max_columns must be a power of two" in err
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [16, 32, 64])
+def test_results_do_not_depend_on_the_tile_width(monkeypatch, cols):
+    from conftest import set_tuning
+
+    g = torch.Generator().manual_seed(0)
+    pairs, angles = kama.random_pairs(300, 2000, generator=g), kama.random_angles(2000, generator=g)
+    x = torch.randn(130, 300, generator=g)
+    ref = kama.givens_apply(x, pairs, angles, backend="cpu")
+    set_tuning(monkeypatch, max_columns=cols, forward_min_columns=cols)
+    assert cpu.tile_width(130, 300, 4, 1) == cols
+    assert torch.equal(kama.givens_apply(x, pairs, angles, backend="cpu"), ref)  # columns are independent
