@@ -21,6 +21,7 @@ def test_sampler_structure():
     d, k = 20, 5 * GROUP_ROTATIONS + 7
     p = blocked_pairs(d, k, generator=torch.Generator().manual_seed(0))
     assert p.shape == (k, 2) and p.dtype == torch.long and bool((p[:, 0] != p[:, 1]).all())
+    assert kama.blocked_pairs is blocked_pairs  # public at the top level
     app = p.flip(0)  # application order
     for g in range(5):
         grp = app[GROUP_ROTATIONS * g: GROUP_ROTATIONS * (g + 1)]

@@ -35,6 +35,15 @@ def test_built_in_rule():
     assert t.prefetch_for(t.prefetch_min_bytes + 1) == 2 and t.prefetch_for(1024) == 0
 
 
+def test_settings_from_cache_sizes():
+    mib = 1024 * 1024
+    assert tuning.from_caches(None) == tuning.DEFAULTS and tuning.from_caches(64 * 1024) == tuning.DEFAULTS
+    assert tuning.from_caches(mib) == tuning.DEFAULTS  # the built-in settings are the 1 MiB-L2 EPYC's
+    big = tuning.from_caches(2 * mib)
+    assert (big.tile_budget_bytes, big.prefetch_min_bytes) == (4 * mib, 3 * mib // 2)
+    assert big.tile_width(300, 4096, 4, 2) == 128  # two 4096 x 128 float32 buffers fit a 4 MiB budget
+
+
 @needs_kernel
 def test_calibration_takes_the_fastest_candidates():
     seen = []
@@ -46,6 +55,7 @@ def test_calibration_takes_the_fastest_candidates():
         return candidates[-1]
 
     t = tuning.calibrate(timer=fastest_is_last)
+    assert t.tile_budget_bytes == tuning.from_caches(describe().l2).tile_budget_bytes
     assert seen == [[32, 64, 128], [16, 32, 64], [0, 2, 4], [16, 32, 64]]
     assert (t.max_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == (128, 64, 4, 64)
     assert t.source.startswith("calibrated")

@@ -28,14 +28,16 @@ __attribute__((noinline)) void walk(float *restrict buf, const int32_t *restrict
         for (int t = 0; t < T; ++t) { float va = a[t], vb = b[t]; a[t] = c * va - s * vb; b[t] = s * va + c * vb; }
     }
 }
-/* loads only: both rows read and summed, nothing stored */
+/* loads only: both rows read and summed into one accumulator per vector of the row (T / 8 independent add
+ * chains, so that the adds' latency does not bound it), nothing stored */
 __attribute__((noinline)) float loads(const float *restrict buf, const int32_t *restrict ij, int64_t k) {
-    vf acc = {0};
+    vf acc[T / 8];
+    memset(acc, 0, sizeof acc);
     for (int64_t r = k - 1; r >= 0; --r) {
         const float *a = buf + (int64_t)ij[2 * r] * T, *b = buf + (int64_t)ij[2 * r + 1] * T;
-        for (int t = 0; t < T; t += 8) { vf va, vb; memcpy(&va, a + t, 32); memcpy(&vb, b + t, 32); acc += va + vb; }
+        for (int t = 0; t < T; t += 8) { vf va, vb; memcpy(&va, a + t, 32); memcpy(&vb, b + t, 32); acc[t / 8] += va + vb; }
     }
-    float s = 0; for (int l = 0; l < 8; ++l) s += acc[l]; return s;
+    float s = 0; for (int u = 0; u < T / 8; ++u) for (int l = 0; l < 8; ++l) s += acc[u][l]; return s;
 }
 /* stores only: both rows written, nothing read */
 __attribute__((noinline)) void stores(float *restrict buf, const int32_t *restrict ij, const float *restrict cs, int64_t k) {

@@ -2,7 +2,8 @@ r"""The CPU kernel's tunable settings, measured once per machine.
 
 The compiled walk's speed depends on the core: which cache level the batch tile sits in, how many columns one
 rotation's SIMD work spans, whether prefetching rows ahead pays. Rather than constants tuned to one machine, the
-settings are chosen at the first use of the kernel on a machine by a short calibration (about a second: the
+settings are chosen at the first use of the kernel on a machine from its cache sizes (:func:`from_caches`) and a short
+calibration (about a second: the
 forward and backward walks timed at a few tile widths, prefetch distances and blocked-walk widths on batches of
 ``d = 1024`` and ``4096``), and stored in the user's cache directory keyed by the CPU (model, caches, SIMD level,
 :mod:`kama.ops.machine`) and the kernel's version, so later processes read them.
@@ -38,7 +39,7 @@ import torch
 from .._checks import env_int
 from .machine import describe
 
-__all__ = ["Tuning", "DEFAULTS", "current", "calibrate", "cache_path", "MIN_TUNED_DIM", "TUNING_MODES"]
+__all__ = ["Tuning", "DEFAULTS", "current", "calibrate", "from_caches", "cache_path", "MIN_TUNED_DIM", "TUNING_MODES"]
 
 MIN_TUNED_DIM = 256
 """Tiles with fewer features keep the built-in widths (they fit the L1 or L2 on every x86-64 core)."""
@@ -93,6 +94,20 @@ class Tuning:
 
 DEFAULTS = Tuning()
 """The built-in settings (measured on an AMD EPYC with 1 MiB L2 per core)."""
+
+
+def from_caches(l2: int | None) -> Tuning:
+    """The settings that follow from the per-core L2 size ``l2`` (bytes): the tile buffers may take twice the L2
+    (a forward tile streams through it once per rotation group; measured on a 1 MiB-L2 EPYC: 2 MiB is the knee),
+    and prefetching starts once a tile no longer fits three quarters of it. Unknown sizes keep :data:`DEFAULTS`.
+
+    Example:
+        >>> from_caches(2 * 1024 * 1024).tile_budget_bytes // 1024
+        4096
+    """
+    if not l2 or l2 < 256 * 1024:
+        return DEFAULTS
+    return replace(DEFAULTS, tile_budget_bytes=2 * l2, prefetch_min_bytes=3 * l2 // 4)
 
 
 def cache_path() -> Path:
@@ -165,7 +180,7 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
     torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(0)
-        t = DEFAULTS
+        t = from_caches(describe().l2)
         d = 1024
         k = math.ceil(2 * d * math.log(d))
         plan = GivensPlan(random_pairs(d, k, generator=g), d)
