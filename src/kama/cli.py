@@ -158,15 +158,15 @@ def _rl(args: argparse.Namespace) -> int:
         from .rl.es import ESConfig, train_es
 
         try:
-            cfg = ESConfig(env_id=args.env, architecture=args.policy, hidden=args.hidden,
-                           num_rotations=args.rotations, action_gain=args.action_gain,
-                           total_timesteps=args.steps, population=args.population,
-                           n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
-                           normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,
-                           eval_episodes=args.eval_episodes, workers=args.workers, backend=args.backend,
-                           ray_address=args.ray_address, seed=args.seed)
+            es_cfg = ESConfig(env_id=args.env, architecture=args.policy, hidden=args.hidden,
+                              num_rotations=args.rotations, action_gain=args.action_gain,
+                              total_timesteps=args.steps, population=args.population,
+                              n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
+                              normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,
+                              eval_episodes=args.eval_episodes, workers=args.workers, backend=args.backend,
+                              ray_address=args.ray_address, seed=args.seed)
             out = args.out or f"results/es/{args.env}-{args.policy}-s{args.seed}"
-            train_es(cfg, out)
+            train_es(es_cfg, out)
         except (ValueError, TypeError, OSError, FolderBusyError) as e:
             return _error(e, args.out)
         print(f"run written to {out}")

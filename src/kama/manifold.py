@@ -41,7 +41,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -312,26 +312,29 @@ def givens_coordinate_descent(
     structured = isinstance(F, _Structured)
     if not structured and not callable(F):
         raise TypeError(f"F must be a Linear/Procrustes/Brockett objective or a callable, got {type(F).__name__}")
+    # one of the two views below is used, as ``structured`` says
+    obj = cast(_Structured, F)
+    fn = cast(Callable[[torch.Tensor], torch.Tensor], F)
     if d is None:
-        d = F.d if structured else (int(torch.as_tensor(M0).shape[0]) if M0 is not None else None)
+        d = obj.d if structured else (int(torch.as_tensor(M0).shape[0]) if M0 is not None else None)
         if d is None:
             raise ValueError("d must be given when F is a callable and M0 is None")
     d = check_int("d", d, minimum=2)
-    if structured and F.d != d:
-        raise ValueError(f"the objective acts on dimension {F.d}, got d={d}")
+    if structured and obj.d != d:
+        raise ValueError(f"the objective acts on dimension {obj.d}, got d={d}")
     m = _check_rotation(M0, d, dtype) if M0 is not None else torch.eye(d, dtype=dtype)
     iu = torch.triu_indices(d, d, offset=1)
     pairs, angles, history = [], [], []
     t0 = time.perf_counter()
     if structured:
-        F.start(m)
-        value = F.value(m)
+        obj.start(m)
+        value = obj.value(m)
     else:
-        value = _generic_value(F, m)
+        value = _generic_value(fn, m)
     for _ in range(steps):
         bound = b_meas = None
         if structured:
-            a1, b1, a2, b2 = F.line()
+            a1, b1, a2, b2 = obj.line()
             g = b1 + 2 * b2  # derivative at t = 0
             grad_sq = float(2 * g[iu[0], iu[1]].pow(2).sum())
             amp1 = torch.sqrt(a1**2 + b1**2)
@@ -350,7 +353,7 @@ def givens_coordinate_descent(
             t = minimize_trig(float(a1[i, j]), float(b1[i, j]), float(a2[i, j]), float(b2[i, j]))
         else:
             mm = m.clone().requires_grad_(True)
-            out = F(mm)
+            out = fn(mm)
             if not isinstance(out, torch.Tensor) or out.numel() != 1:
                 raise ValueError(f"F must return a scalar tensor, got {out!r}")
             (egrad,) = torch.autograd.grad(out.reshape(()), mm)
@@ -358,27 +361,28 @@ def givens_coordinate_descent(
             g = qm.T - qm  # g[i, j] = Q_ji - Q_ij
             grad_sq = float(2 * g[iu[0], iu[1]].pow(2).sum())
             if rule == "exact":
-                best = None
+                best: tuple[int, float, float] | None = None
                 for q in range(iu.shape[1]):
-                    ti, vi = _generic_line_search(F, m, int(iu[0, q]), int(iu[1, q]), line_search_starts)
+                    ti, vi = _generic_line_search(fn, m, int(iu[0, q]), int(iu[1, q]), line_search_starts)
                     if best is None or vi < best[2]:
                         best = (q, ti, vi)
+                assert best is not None  # d >= 2: at least one pair
                 q, t = best[0], best[1]
             else:
                 if rule == "gradient":
                     q = int(torch.argmax(g[iu[0], iu[1]].abs()))
                 else:
                     q = int(torch.randint(0, iu.shape[1], (1,), generator=generator))
-                t, _ = _generic_line_search(F, m, int(iu[0, q]), int(iu[1, q]), line_search_starts)
+                t, _ = _generic_line_search(fn, m, int(iu[0, q]), int(iu[1, q]), line_search_starts)
             i, j = int(iu[0, q]), int(iu[1, q])
         if tol > 0 and grad_sq < tol:
             break
         _rotate_columns(m, i, j, t)
         if structured:
-            F.update(i, j, t)
-            new_value = value + _trig_delta(F, i, j, t, a1, b1, a2, b2)  # O(1), no O(d^3) re-evaluation
+            obj.update(i, j, t)
+            new_value = value + _trig_delta(obj, i, j, t, a1, b1, a2, b2)  # O(1), no O(d^3) re-evaluation
         else:
-            new_value = _generic_value(F, m)
+            new_value = _generic_value(fn, m)
         pairs.append((i, j))
         angles.append(t)
         history.append({"step": len(pairs), "objective": new_value, "decrease": value - new_value,
@@ -386,7 +390,7 @@ def givens_coordinate_descent(
                         "seconds": time.perf_counter() - t0})
         value = new_value
     if structured and history:  # re-synchronize the last value exactly
-        history[-1]["objective"] = F.value(m)
+        history[-1]["objective"] = obj.value(m)
     pairs_t = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return GivensResult(pairs=pairs_t, angles=torch.tensor(angles, dtype=torch.float64), M=m, history=history)
 

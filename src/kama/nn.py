@@ -9,6 +9,7 @@ with ``layer(x) == x @ W.T + bias``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _check_dtype(dtype: object) -> torch.dtype | None:
     and outputs are real; complex dtypes would silently drop imaginary parts)."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES):
         raise TypeError(f"dtype must be None or one of {[str(t) for t in FLOAT_DTYPES]}, got {dtype!r}")
-    return dtype  # type: ignore[return-value]
+    return dtype
 
 
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -177,6 +178,14 @@ class KamaLinear(nn.Module):
     """
 
     __constants__ = ["in_features", "out_features", "num_rotations"]
+    in_features: int
+    out_features: int
+    num_rotations: int
+    pairs: torch.Tensor
+    angles: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    angle_gain: float
 
     def __init__(
         self,
@@ -198,7 +207,7 @@ class KamaLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": _check_dtype(dtype)}
+        factory: dict[str, Any] = {"device": device, "dtype": _check_dtype(dtype)}
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
         self.n = max(self.in_features, self.out_features)
@@ -213,6 +222,7 @@ class KamaLinear(nn.Module):
         self.learn_planes = bool(learn_planes)
         if self.learn_planes and not self.learn_angles:
             raise ValueError("learn_planes=True requires learn_angles=True, got learn_angles=False")
+        self._angle_gain_rule: float | str
         if isinstance(angle_gain, str):
             self._angle_gain_rule = check_choice("angle_gain", angle_gain, ANGLE_GAINS)
         else:
@@ -309,7 +319,8 @@ class KamaLinear(nn.Module):
             )
         # the module's dicts directly (nn.Module.__getattr__ costs ~0.7 us a name: RL-size layers notice); tensors
         # swapped in by torch.func.functional_call are found there too
-        p, b = self._parameters, self._buffers
+        p: dict[str, Any] = self._parameters
+        b: dict[str, Any] = self._buffers
         return kama_linear(x, b["pairs"] if "pairs" in b else self.pairs, p["angles"] if "angles" in p else self.angles,
                            p["scale"] if "scale" in p else self.scale, p["bias"] if "bias" in p else self.bias,
                            out_features=self.out_features, angle_gain=self.angle_gain, cache=self._cache)
@@ -415,6 +426,10 @@ class ToeplitzLinear(nn.Module):
     """
 
     __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+    coeffs: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -427,7 +442,7 @@ class ToeplitzLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": _check_dtype(dtype)}
+        factory: dict[str, Any] = {"device": device, "dtype": _check_dtype(dtype)}
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.out_features = check_int("out_features", out_features, minimum=1)
         self.coeffs = nn.Parameter(torch.empty(self.in_features + self.out_features - 1, **factory))
@@ -478,7 +493,7 @@ class ToeplitzLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _linear_like(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+def _linear_like(layer: KamaLinear | ToeplitzLinear, weight: torch.Tensor) -> nn.Linear:
     bias = layer.bias
     lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device,
                     dtype=weight.dtype)

@@ -27,7 +27,7 @@ from .png import KERNELS, feature_function
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
 except ImportError:  # pragma: no cover - older scikit-learn
-    def _validate_data(est, X, reset=True, **kw):  # type: ignore[no-redef]
+    def _validate_data(est, X, reset=True, **kw):
         return est._validate_data(X, reset=reset, **kw)
 
 __all__ = ["PNGFeatures"]

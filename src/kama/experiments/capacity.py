@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from scipy import stats
@@ -79,7 +81,7 @@ def _blocked_walks(d: int, k: int, walks: int, g: torch.Generator) -> torch.Tens
 
 
 def mixing_statistics(d: int, ratios: tuple[float, ...], walks: int, seed: int,
-                      family: str = "kac") -> list[dict[str, float]]:
+                      family: str = "kac") -> list[dict[str, Any]]:
     """Run ``walks`` independent walks from ``e_1`` in parallel and measure them at each ``k``: Kac's (i.i.d.
     pairs) or, with ``family="blocked"``, register-blocked plans (groups of 12 butterfly rotations on 8
     coordinates); angles uniform either way."""
@@ -185,14 +187,13 @@ def run(cfg: CapacityConfig, ctx: RunContext) -> str:
     for family in cfg.families:
         for d in cfg.dims:
             key = f"mixing_d{d}" if family == "kac" else f"mixing_{family}_d{d}"
-            mix += ctx.unit(key, lambda d=d, family=family: mixing_statistics(d, cfg.ratios, cfg.walks, cfg.seed + d,
-                                                                               family))
+            mix += ctx.unit(key, partial(mixing_statistics, d, cfg.ratios, cfg.walks, cfg.seed + d, family))
     fit: list[dict] = []
     for d in cfg.fit_dims:
         for ratio in cfg.fit_ratios:
             fit.append(ctx.unit(f"fit_d{d}_r{ratio:g}",
-                                lambda d=d, ratio=ratio: fit_error(d, ratio, cfg.fit_steps, cfg.fit_lr,
-                                                                   cfg.seed + 1000 * d + int(100 * ratio))))
+                                partial(fit_error, d, ratio, cfg.fit_steps, cfg.fit_lr,
+                                        cfg.seed + 1000 * d + int(100 * ratio))))
     write_csv(ctx.out_dir / "capacity_mixing.csv", mix)
     write_csv(ctx.out_dir / "capacity_fit.csv", fit)
     _plot(mix, fit, ctx.out_dir / "capacity.png")

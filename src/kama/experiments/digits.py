@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -133,7 +134,7 @@ def train_one(cfg: DigitsConfig, variant: str, seed: int) -> dict[str, Any]:
 
 def run(cfg: DigitsConfig, ctx: RunContext) -> str:
     torch.set_num_threads(1)
-    res = {(v, s): ctx.unit(f"{v}_s{s}", lambda v=v, s=s: train_one(cfg, v, s))
+    res = {(v, s): ctx.unit(f"{v}_s{s}", partial(train_one, cfg, v, s))
            for v in cfg.variants for s in cfg.seeds}
     rows = [{"variant": v, "seed": s, "epoch": e + 1, "test_accuracy": a}
             for (v, s), r in res.items() for e, a in enumerate(r["test_accuracy"])]

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,8 +112,8 @@ def run_kernel_approx(cfg: KernelApproxConfig, ctx: RunContext) -> str:
     for i, name in enumerate(cfg.datasets):
         X = subset(name, cfg.n_points, cfg.standardize, cfg.seed + i)
         for sampler in cfg.samplers:
-            res = ctx.unit(f"{name}_{sampler}", lambda X=X, sampler=sampler, i=i: gram_errors(
-                X, sampler, cfg.blocks, cfg.reps, cfg.seed + 1000 * (i + 1) + SAMPLERS.index(sampler)))
+            res = ctx.unit(f"{name}_{sampler}", partial(gram_errors, X, sampler, cfg.blocks, cfg.reps,
+                                                          cfg.seed + 1000 * (i + 1) + SAMPLERS.index(sampler)))
             for b in range(cfg.blocks):
                 rows.append({"dataset": name, "n": X.shape[0], "d": X.shape[1], "sampler": sampler,
                              "label": LABELS[sampler], "features": (b + 1) * X.shape[1], "multiple": b + 1,
@@ -232,13 +235,17 @@ def _pairs_at_angle(d: int, n: int, angle: float, gen: torch.Generator) -> tuple
     return a, math.cos(angle) * a + math.sin(angle) * b
 
 
-def mse_gap(d: int, sampler: str, cfg: GapConfig, seed: int) -> dict[str, float]:
+def _squared(g: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    return g(t) ** 2
+
+
+def mse_gap(d: int, sampler: str, cfg: GapConfig, seed: int) -> dict[str, Any]:
     """Monte Carlo MSE (times d) of the structured estimator with m = d, for every f, against the exact URN MSE."""
     gen = torch.Generator().manual_seed(seed)
     x, y = _pairs_at_angle(d, cfg.pairs, cfg.angle, gen)
     e1 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     e2 = torch.tensor([[math.cos(cfg.angle), math.sin(cfg.angle)]], dtype=torch.float64)
-    out: dict[str, float] = {"d": d, "sampler": sampler}
+    out: dict[str, Any] = {"d": d, "sampler": sampler}
     sq = {f: torch.zeros(cfg.pairs, dtype=torch.float64) for f in cfg.functions}  # sums of e^2
     sq2 = {f: torch.zeros(cfg.pairs, dtype=torch.float64) for f in cfg.functions}  # sums of e^4
     exact = {f: float(png_kernel_quadrature(FUNCTIONS[f], e1, e2)) for f in cfg.functions}
@@ -251,7 +258,7 @@ def mse_gap(d: int, sampler: str, cfg: GapConfig, seed: int) -> dict[str, float]
             sq[f] += e2_
             sq2[f] += e2_**2
     for f in cfg.functions:
-        k2 = float(png_kernel_quadrature(lambda t, g=FUNCTIONS[f]: g(t) ** 2, e1, e2))
+        k2 = float(png_kernel_quadrature(partial(_squared, FUNCTIONS[f]), e1, e2))
         urn = (k2 - exact[f] ** 2) / d  # exact: Var(f(u) f(v)) / m
         count = cfg.reps * cfg.pairs
         mse = float(sq[f].sum()) / count
@@ -264,7 +271,7 @@ def mse_gap(d: int, sampler: str, cfg: GapConfig, seed: int) -> dict[str, float]
 
 
 def run_png_gap(cfg: GapConfig, ctx: RunContext) -> str:
-    rows = [ctx.unit(f"d{d}_{s}", lambda d=d, s=s: mse_gap(d, s, cfg, cfg.seed + d + 7 * SAMPLERS.index(s)))
+    rows = [ctx.unit(f"d{d}_{s}", partial(mse_gap, d, s, cfg, cfg.seed + d + 7 * SAMPLERS.index(s)))
             for d in cfg.dims for s in cfg.samplers]
     write_csv(ctx.out_dir / "png_gap.csv", rows)
     plt = pyplot()
@@ -347,12 +354,11 @@ def run_k_ablation(cfg: AblationConfig, ctx: RunContext) -> str:
     for i, name in enumerate(cfg.datasets):
         X = subset(name, cfg.n_points, True, cfg.seed + i)
         d = X.shape[1]
-        base = {s: ctx.unit(f"{name}_{s}", lambda X=X, s=s: ablation_mse(X, s, cfg.reps, cfg.seed + 11))
+        base = {s: ctx.unit(f"{name}_{s}", partial(ablation_mse, X, s, cfg.reps, cfg.seed + 11))
                 for s in ("gaussian", "orthogonal")}
         for ratio in cfg.ratios:
             k = max(1, math.ceil(ratio * d * math.log(d)))
-            mse = ctx.unit(f"{name}_kama_r{ratio:g}", lambda X=X, k=k: ablation_mse(X, "kama", cfg.reps,
-                                                                                    cfg.seed + 11, k))
+            mse = ctx.unit(f"{name}_kama_r{ratio:g}", partial(ablation_mse, X, "kama", cfg.reps, cfg.seed + 11, k))
             rows.append({"dataset": name, "d": d, "ratio": ratio, "k": k, "kama_mse": mse,
                          "orn_mse": base["orthogonal"], "urn_mse": base["gaussian"]})
     write_csv(ctx.out_dir / "k_ablation.csv", rows)
@@ -415,6 +421,10 @@ class SpeedConfig:
                             "threads": ("int", 1), "seed": ("int", 0)})
 
 
+def _speed_row(sampler: str, d: int, cfg: SpeedConfig) -> dict[str, Any]:
+    return {"d": d, "sampler": sampler, "seconds": featurize_seconds(sampler, d, cfg.n_points, cfg.repeats, cfg.seed)}
+
+
 def featurize_seconds(sampler: str, d: int, n_points: int, repeats: int, seed: int) -> float:
     """Median wall time to sample an m = d matrix and compute sign(X W^T) for ``n_points`` points (float32)."""
     X = torch.randn(n_points, d, generator=torch.Generator().manual_seed(seed))
@@ -432,8 +442,7 @@ def run_feature_speed(cfg: SpeedConfig, ctx: RunContext) -> str:
     old = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        rows = [ctx.unit(f"d{d}_{s}", lambda d=d, s=s: {"d": d, "sampler": s, "seconds": featurize_seconds(
-            s, d, cfg.n_points, cfg.repeats, cfg.seed)}) for d in cfg.dims for s in ORDER]
+        rows = [ctx.unit(f"d{d}_{s}", partial(_speed_row, s, d, cfg)) for d in cfg.dims for s in ORDER]
     finally:
         torch.set_num_threads(old)
     for r in rows:

@@ -105,7 +105,7 @@ def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[fl
 
     rng = np.random.default_rng(seed)
     n = scores.shape[0]
-    boot = [iqm(scores[rng.integers(0, n, size=n)[:, None], np.arange(scores.shape[1])[None, :]])
+    boot = [iqm(scores[np.asarray(rng.integers(0, n, size=n))[:, None], np.arange(scores.shape[1])[None, :]])
             for _ in range(reps)]
     return iqm(scores), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
@@ -200,7 +200,7 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
         plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
                      lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}")
         extra += [f"![planes]({link_prefix}planes.png)", ""]
-    finals = []
+    finals: list[dict[str, Any]] = []
     for r, folder in zip(runs, folders, strict=True):
         _, y = read_returns(folder)
         finals.append({"task": r.env_id, "algo": r.algo, "architecture": _variant(r), "K": r.num_rotations,
@@ -212,11 +212,12 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
                      "| task | algo | architecture | K | planes | final return | seeds |",
                      "|---|---|---|---|---|---|---|"]
     keys = sorted({(f["task"], f["algo"], f["architecture"], f["K"], f["learn_planes"]) for f in finals})
-    for key in keys:
+    for group in keys:
         vals = [f["final_return"] for f in finals if (f["task"], f["algo"], f["architecture"], f["K"],
-                                                       f["learn_planes"]) == key]
-        lines.append(f"| {key[0]} | {key[1]} | {_label(key[2])} | {key[3] if key[2].startswith('kama') else '-'} | "
-                     f"{'learned' if key[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
+                                                       f["learn_planes"]) == group]
+        k_cell = group[3] if group[2].startswith("kama") else "-"
+        lines.append(f"| {group[0]} | {group[1]} | {_label(group[2])} | {k_cell} | "
+                     f"{'learned' if group[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
                      f"{len(vals)} |")
     lines += ["", "Aggregate over tasks: IQM of final returns normalized by the unstructured policy's mean on the "
               "same task and algorithm, with a 95 % stratified-bootstrap interval (over the tasks each variant ran "
@@ -238,12 +239,12 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     lines += ["", "Table 1 (actor parameters relative to the unstructured actor, counted from the models; "
               "paper's values in brackets):", "", "| algo | task | h | K | KAMA | Toeplitz |",
               "|---|---|---|---|---|---|"]
-    for r in t1:
-        paper = PAPER_TABLE1.get(r["task"]) if r["algo"] == "ppo" else None
+    for row in t1:
+        paper = PAPER_TABLE1.get(row["task"]) if row["algo"] == "ppo" else None
         p = f" ({paper[0]} %)" if paper else ""
         q = f" ({paper[1]} %)" if paper else ""
-        lines.append(f"| {r['algo']} | {r['task']} | {r['hidden']} | {r['K']} | {100 * r['kama_ratio']:.1f} %{p} | "
-                     f"{100 * r['toeplitz_ratio']:.1f} %{q} |")
+        lines.append(f"| {row['algo']} | {row['task']} | {row['hidden']} | {row['K']} | "
+                     f"{100 * row['kama_ratio']:.1f} %{p} | {100 * row['toeplitz_ratio']:.1f} %{q} |")
     return "\n".join(lines)
 
 

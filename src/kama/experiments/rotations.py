@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -17,7 +20,7 @@ from .capacity import haar_rotation
 from .plotting import log_xticks, pyplot
 
 
-def _problem(kind: str, d: int, seed: int) -> tuple[object, float, object]:
+def _problem(kind: str, d: int, seed: int) -> tuple[Any, float, Callable[[torch.Tensor], torch.Tensor]]:
     """(structured objective, optimal value, torch callable) of a test problem."""
     g = torch.Generator().manual_seed(seed)
     if kind == "brockett":
@@ -164,8 +167,8 @@ def run(cfg: ManifoldConfig, ctx: RunContext) -> str:
     theorem = ctx.unit("theorem3", lambda: _theorem(cfg))
     conv = []
     for kind in cfg.problems:
-        conv += ctx.unit(f"convergence_{kind}", lambda kind=kind: _convergence(cfg, kind))
-    cap = ctx.unit("capacity", lambda: _capacity(cfg))
+        conv += ctx.unit(f"convergence_{kind}", partial(_convergence, cfg, kind))
+    cap = ctx.unit("capacity", partial(_capacity, cfg))
     write_csv(ctx.out_dir / "theorem3.csv", theorem)
     write_csv(ctx.out_dir / "convergence.csv", conv)
     write_csv(ctx.out_dir / "adaptive_capacity.csv", cap)

@@ -65,7 +65,7 @@ def blocked_pairs(d: int, k: int, *, generator: torch.Generator | None = None,
     per_phase = d // BLOCK if d >= BLOCK else 1
     groups = -(-k // GROUP_ROTATIONS)
     rounds = torch.tensor(_ROUNDS, dtype=torch.long)  # (12, 2) slot pairs
-    slots = []
+    slots: list[torch.Tensor] = []
     while len(slots) * per_phase < groups:
         perm = torch.randperm(d, generator=generator)[: per_phase * BLOCK]
         slots.append(perm.view(per_phase, BLOCK))

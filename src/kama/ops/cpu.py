@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -20,11 +21,11 @@ from .plans import CoefficientCache, GivensPlan
 from .reference import compute_dtype
 
 try:  # the optional compiled CPU kernel (built by setup.py)
-    from .. import _cgivens  # type: ignore[attr-defined]
+    from .. import _cgivens
 
     KERNEL_ERROR: Exception | None = None
 except ImportError as _e:  # pragma: no cover - exercised by simulating the failure in tests
-    _cgivens = None
+    _cgivens = None  # type: ignore[assignment]
     KERNEL_ERROR = _e
 
 __all__ = ["available", "tile_width", "kernel_threads", "coefficients", "forward", "backward", "linear_forward",
@@ -58,7 +59,7 @@ def _torch_libgomp() -> str | None:
     return paths.pop() if len(paths) == 1 else None
 
 
-def _module() -> object:
+def _module() -> Any:
     """The extension, with its threads set up on first use: on torch's own OpenMP team where torch has one
     (so they never compete with torch's spinning workers; ``KAMA_PTHREADS=1`` keeps pthreads), else pthreads."""
     global _OPENMP

@@ -137,7 +137,7 @@ class GivensFunction(torch.autograd.Function):
     with out-of-place operations."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: bool,
                 backend: str = "reference"):
         ctx.coef = None
         cdtype = compute_dtype(x.dtype)
@@ -160,7 +160,7 @@ class GivensFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, gy: torch.Tensor):
         y, angles = ctx.saved_tensors
         plan: GivensPlan = ctx.plan
         transpose: bool = ctx.transpose
@@ -177,18 +177,18 @@ class GivensFunction(torch.autograd.Function):
         v = y.t().to(cdtype).contiguous()
         g = gy.t().to(cdtype).contiguous()
         gx_t, gt = walk_backward(v, g, plan, c, s, transpose, inplace=not differentiable)
-        gx = gx_t.t().to(y.dtype).contiguous() if ctx.needs_input_grad[0] else None
-        gangles = None
+        gx_out = gx_t.t().to(y.dtype).contiguous() if ctx.needs_input_grad[0] else None
+        ga_out = None
         if ctx.needs_input_grad[1]:
             perm = plan.tensors(gt.device)[3]
             if differentiable:
-                gangles = torch.zeros_like(gt).index_copy(0, perm, gt)
+                ga = torch.zeros_like(gt).index_copy(0, perm, gt)
             else:
-                gangles = torch.empty_like(gt).index_copy_(0, perm, gt)
+                ga = torch.empty_like(gt).index_copy_(0, perm, gt)
             if transpose:
-                gangles = -gangles
-            gangles = gangles.to(angles.dtype)
-        return gx, gangles, None, None, None
+                ga = -ga
+            ga_out = ga.to(angles.dtype)
+        return gx_out, ga_out, None, None, None
 
 
 def cpu_kernel_available() -> bool:

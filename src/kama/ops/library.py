@@ -110,13 +110,13 @@ def _givens_apply_backward_fake(y: torch.Tensor, grad: torch.Tensor, pairs: torc
     return y.new_empty(y.shape), angles.new_empty(angles.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _setup_context(ctx, inputs, output) -> None:
     x, pairs, angles, transpose, backend = inputs
     ctx.save_for_backward(output, pairs, angles)
     ctx.transpose, ctx.backend = transpose, backend
 
 
-def _backward(ctx, grad: torch.Tensor):  # type: ignore[no-untyped-def]
+def _backward(ctx, grad: torch.Tensor):
     y, pairs, angles = ctx.saved_tensors
     need_x, _, need_a = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: differentiate the reference walk's out-of-place operations

@@ -240,7 +240,7 @@ class _KamaLinearFunction(torch.autograd.Function):
     with differentiable operations and differentiates that, so higher derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, x, angles, scale, bias, plan, out_features, gain=1.0):  # type: ignore[override]
+    def forward(ctx, x, angles, scale, bias, plan, out_features, gain=1.0):
         ctx.plan, ctx.out_features, ctx.gain = plan, out_features, gain
         rot = angles if gain == 1.0 else angles.detach() * gain  # the rotation angles
         ctx.fused = x.dtype in _FUSED_DTYPES and cpu.has_linear_kernel()
@@ -261,7 +261,7 @@ class _KamaLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         x, angles, scale, bias = ctx.saved_tensors
         y_rot, plan, out_features, gain = ctx.y_rot, ctx.plan, ctx.out_features, ctx.gain
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation

@@ -13,9 +13,11 @@ either backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from sb3_contrib import ARS
 from sb3_contrib.ars.policies import ARSPolicy
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -70,7 +73,7 @@ class StructuredARSPolicy(ARSPolicy):
         self.action_gain = float(action_gain)
         super().__init__(observation_space, action_space, net_arch=[hidden, hidden], activation_fn=nn.Tanh,
                          squash_output=True)
-        obs_dim, act_dim = int(observation_space.shape[0]), int(action_space.shape[0])
+        obs_dim, act_dim = int(np.prod(observation_space.shape or (1,))), int(np.prod(action_space.shape or (1,)))
         layers = [structured_layer(architecture, obs_dim, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
                   nn.Tanh(),
                   structured_layer(architecture, hidden, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
@@ -94,8 +97,8 @@ class StructuredARSPolicy(ARSPolicy):
             self._fast_key = key
         return self._fast
 
-    def _predict(self, observation: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
-        if observation.device.type == "cpu" and not torch.is_grad_enabled():
+    def _predict(self, observation: torch.Tensor | dict[str, torch.Tensor], deterministic: bool = True) -> torch.Tensor:
+        if isinstance(observation, torch.Tensor) and observation.device.type == "cpu" and not torch.is_grad_enabled():
             out = self._fast_actor()(observation.detach().numpy())
             return torch.from_numpy(np.asarray(out, dtype=np.float32))
         return self(observation)
@@ -105,14 +108,14 @@ class StructuredARSPolicy(ARSPolicy):
         """SB3's ``predict`` (actions rescaled to the action bounds, batch dimension kept or removed as given)
         without torch on the hot path: NumPy observations go straight through :class:`FastActor`. Anything
         else (dicts, wrong shapes) takes SB3's own path, with its checks and errors."""
-        shape = tuple(self.observation_space.shape)
+        shape = tuple(self.observation_space.shape or ())
         if not isinstance(observation, np.ndarray) or observation.dtype.kind not in "fiu" \
                 or observation.shape[-len(shape):] != shape or observation.ndim > len(shape) + 1:
             return super().predict(observation, state, episode_start, deterministic)
         single = observation.ndim == len(shape)
         obs = observation.reshape(-1, *shape)
         actions = np.asarray(self._fast_actor()(obs if not single else obs[0]), dtype=np.float32)
-        actions = self.unscale_action(actions.reshape(-1, *self.action_space.shape))
+        actions = self.unscale_action(actions.reshape(-1, *(self.action_space.shape or ())))
         return (actions[0] if single else actions), state
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -262,7 +265,7 @@ class RayAsyncEval:
                      log_to_driver=False)
             self._started = True
         actor = ray.remote(num_cpus=1)(_RolloutWorker)
-        self.remotes = [actor.remote(fn, train_policy) for fn in envs_fn]
+        self.remotes: list[Any] = [actor.remote(fn, train_policy) for fn in envs_fn]
         self.n_eval_episodes = n_eval_episodes
         self._pending: list[Any] | None = None
         self.closed = False
@@ -272,7 +275,7 @@ class RayAsyncEval:
         return self._pending is not None
 
     def send_jobs(self, candidate_weights: torch.Tensor, pop_size: int) -> None:
-        jobs: list[list[tuple[int, np.ndarray]]] = [[] for _ in self.remotes]
+        jobs: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.remotes]
         for idx in range(pop_size):
             jobs[idx % len(self.remotes)].append((idx, candidate_weights[idx].detach().cpu()))
         self._pending = [w.evaluate.remote(j, self.n_eval_episodes) for w, j in zip(self.remotes, jobs, strict=True)]
@@ -328,15 +331,17 @@ def make_es_model(cfg: ESConfig) -> ARS:
                               "num_rotations": cfg.num_rotations, "action_gain": cfg.action_gain})
 
 
-def _evaluate(model: ARS, cfg: ESConfig) -> list[float]:
+def _evaluate(model: BaseAlgorithm, cfg: ESConfig) -> list[float]:
     env = _vec_env(cfg, 10_000 + cfg.seed)
     if cfg.normalize_observations:
-        env.obs_rms = model.get_vec_normalize_env().obs_rms.copy()
+        train_env = model.get_vec_normalize_env()
+        assert train_env is not None  # make_es_model wraps the environment when normalize_observations is set
+        env.obs_rms = train_env.obs_rms.copy()
         env.training = False
     rewards, _ = evaluate_policy(model, env, n_eval_episodes=cfg.eval_episodes, deterministic=True,
                                  return_episode_rewards=True)
     env.close()
-    return [float(r) for r in rewards]
+    return [float(r) for r in np.atleast_1d(rewards)]
 
 
 class _ESCallback(BaseCallback):
@@ -377,7 +382,7 @@ def train_es(cfg: ESConfig, out_dir: str | Path) -> Path:
     cb.init_callback(model)
     cb.record()
     async_eval: Any = None
-    envs_fn = [lambda i=i: _vec_env(cfg, cfg.seed + 1 + i) for i in range(cfg.workers)]
+    envs_fn: list[Callable[[], Any]] = [functools.partial(_vec_env, cfg, cfg.seed + 1 + i) for i in range(cfg.workers)]
     if cfg.backend == "ray":
         async_eval = RayAsyncEval(envs_fn, model.policy, address=cfg.ray_address)
     elif cfg.workers > 1:

@@ -11,6 +11,7 @@ after the policy's parameters change.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,14 +52,14 @@ class FastActor:
         self.refresh()
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, dtype: type = np.float64) -> FastActor:
+    def from_policy(cls, policy: Any, dtype: type = np.float64) -> FastActor:
         """The actor of a :class:`kama.rl.KamaActorCriticPolicy` (or of SB3's ``ActorCriticPolicy`` with an MLP
         extractor): ``mlp_extractor.policy_net`` followed by ``action_net`` (the Gaussian mean)."""
         return cls([*policy.mlp_extractor.policy_net, policy.action_net], dtype=dtype)
 
     def refresh(self) -> None:
         """Re-materialize the matrices from the current parameters."""
-        self._ops = []
+        self._ops: list[tuple[str, Any, Any]] = []
         with torch.no_grad():
             for m in self.modules:
                 if isinstance(m, _LAYERS):
@@ -70,9 +71,10 @@ class FastActor:
                 else:
                     self._ops.append(("act", _ACTIVATIONS[type(m)], None))
         # Preallocated buffers for one observation: no temporary arrays on the hot path of rollouts.
-        self._bufs = [np.empty(op[1].shape[0], dtype=self.dtype) if op[0] == "linear" else None for op in self._ops]
+        self._bufs: list[Any] = [np.empty(op[1].shape[0], dtype=self.dtype) if op[0] == "linear" else None
+                                 for op in self._ops]
 
-    def _single(self, v: np.ndarray) -> np.ndarray:
+    def _single(self, v: Any) -> np.ndarray:
         own = False  # v is one of our buffers (or a fresh array): activations may run in place
         for (kind, a, b), buf in zip(self._ops, self._bufs, strict=True):
             if kind == "linear":
@@ -88,7 +90,7 @@ class FastActor:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         """Action for one observation ``(obs_dim,)`` or a batch ``(n, obs_dim)`` (a new array)."""
-        v = np.asarray(obs, dtype=self.dtype)
+        v: Any = np.asarray(obs, dtype=self.dtype)
         if v.ndim == 1:
             return self._single(v).copy()
         for kind, a, b in self._ops:

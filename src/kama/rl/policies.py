@@ -26,6 +26,7 @@ import gymnasium as gym
 import torch
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import get_action_dim
 from torch import nn
 
 from .._checks import check_bool, check_choice, check_int, check_real
@@ -47,21 +48,23 @@ def structured_layer(architecture: str, in_features: int, out_features: int, *, 
     the initial scalars ``gain``)."""
     architecture = check_choice("architecture", architecture, ARCHITECTURES)
     if architecture == "mlp":
-        layer = nn.Linear(in_features, out_features)
-        nn.init.orthogonal_(layer.weight, gain=gain)
-        nn.init.zeros_(layer.bias)
-        return layer
+        dense = nn.Linear(in_features, out_features)
+        nn.init.orthogonal_(dense.weight, gain=gain)
+        nn.init.zeros_(dense.bias)
+        return dense
     if architecture == "kama":
-        layer = KamaLinear(in_features, out_features, num_rotations=num_rotations, learn_planes=learn_planes,
-                           angle_gain=angle_gain, plane_sampler=plane_sampler, init_scale=gain)
+        rotations = KamaLinear(in_features, out_features, num_rotations=num_rotations, learn_planes=learn_planes,
+                               angle_gain=angle_gain, plane_sampler=plane_sampler, init_scale=gain)
         with torch.no_grad():
-            layer.bias.zero_()
-        return layer
-    layer = ToeplitzLinear(in_features, out_features)
+            if rotations.bias is not None:
+                rotations.bias.zero_()
+        return rotations
+    toeplitz = ToeplitzLinear(in_features, out_features)
     with torch.no_grad():
-        layer.coeffs.normal_(0.0, gain / math.sqrt(max(in_features, out_features)))
-        layer.bias.zero_()
-    return layer
+        toeplitz.coeffs.normal_(0.0, gain / math.sqrt(max(in_features, out_features)))
+        if toeplitz.bias is not None:
+            toeplitz.bias.zero_()
+    return toeplitz
 
 
 class StructuredMlpExtractor(nn.Module):
@@ -72,7 +75,7 @@ class StructuredMlpExtractor(nn.Module):
                  structured_critic: bool, learn_planes: bool, activation_fn: type[nn.Module],
                  angle_gain: float | str = 1.0, plane_sampler: str = "iid") -> None:
         super().__init__()
-        kama = {"num_rotations": num_rotations, "learn_planes": learn_planes, "angle_gain": angle_gain,
+        kama: dict[str, Any] = {"num_rotations": num_rotations, "learn_planes": learn_planes, "angle_gain": angle_gain,
                 "plane_sampler": plane_sampler}
 
         def net(arch: str) -> nn.Sequential:
@@ -170,22 +173,24 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
         return structured_layer(arch, i, o, gain=gain, **self._kama_kwargs())
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = StructuredMlpExtractor(self.features_dim, self.hidden, self.architecture,
-                                                    self.num_rotations, self.structured_critic, self.learn_planes,
-                                                    self.activation_fn, angle_gain=self.angle_gain,
-                                                    plane_sampler=self.plane_sampler)
+        # SB3 types the attribute as its MlpExtractor; this class keeps the same contract (see its docstring)
+        self.mlp_extractor = StructuredMlpExtractor(  # type: ignore[assignment]
+            self.features_dim, self.hidden, self.architecture, self.num_rotations, self.structured_critic,
+            self.learn_planes, self.activation_fn, angle_gain=self.angle_gain, plane_sampler=self.plane_sampler)
 
     def _build(self, lr_schedule: Any) -> None:
         super()._build(lr_schedule)
         if self.architecture != "mlp":
             if not isinstance(self.action_dist, DiagGaussianDistribution):  # pragma: no cover - Box only
                 raise ValueError(f"unsupported action distribution {type(self.action_dist).__name__}")
-            action_dim = int(self.action_space.shape[0])
+            action_dim = get_action_dim(self.action_space)
+            # SB3 types the heads as nn.Linear; any module mapping (*, hidden) -> (*, out) serves
             self.action_net = self._layer(self.architecture, self.hidden, action_dim, 0.01)
             if self.structured_critic:
-                self.value_net = self._layer(self.architecture, self.hidden, 1, 1.0)
+                self.value_net = self._layer(self.architecture, self.hidden, 1, 1.0)  # type: ignore[assignment]
             # The new heads must be in the optimizer, or they silently never train.
-            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1),  # type: ignore[call-arg]
+                                                  **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
