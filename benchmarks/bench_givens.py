@@ -269,7 +269,48 @@ def main() -> None:
               "|---|---|---|---|---|---|"]
     lines += [f"| {m['backend']} | {m['d']} | {m['batch']} | {m['k']} | {m['extra_bytes'] / 2**20:.2f} | "
               f"{m['ratio']:.2f} |" for m in mem]
+    if args.write is not None:
+        png = plot_speedups(rows, args.write.parent / "benchmarks" / "plots"
+                            / f"bench_givens-{_bench.machine().slug()}.png")
+        if png is not None:
+            lines[2:2] = ["", f"![forward speed-up against d]({png.relative_to(args.write.parent).as_posix()})", ""]
     write_section(args.write, "bench_givens", lines)
+
+
+def plot_speedups(rows: list[dict], path: Path) -> Path | None:
+    """Forward speed-up over ``nn.Linear`` against ``d``, one line per batch (and plan family) of the compiled
+    backend, one panel per thread count; ``None`` without matplotlib or rows of the cpu backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cpu = [r for r in rows if r["backend"] == "cpu"]
+    if not cpu:
+        return None
+    threads = sorted({r["threads"] for r in cpu})
+    fig, axes = plt.subplots(1, len(threads), figsize=(5.5 * len(threads), 4), squeeze=False)
+    for ax, t in zip(axes[0], threads, strict=True):
+        for (b, fam) in sorted({(r["batch"], r["plans"]) for r in cpu if r["threads"] == t}):
+            pts = sorted((r["d"], r["fwd_speedup"]) for r in cpu
+                         if r["threads"] == t and r["batch"] == b and r["plans"] == fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if fam == "kac" else "--",
+                    label=f"batch {b}" + ("" if fam == "kac" else f" ({fam})"))
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("d")
+        ax.set_ylabel("forward speed-up over nn.Linear")
+        ax.set_title(f"{t} thread(s)")
+        ax.legend(fontsize=8)
+    fig.suptitle(_bench.machine().model, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

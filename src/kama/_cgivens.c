@@ -147,11 +147,10 @@ KAMA_CLONES static void sincos_block(const double *x, double *c, double *s, int6
 #endif
 
 /* Tile transposes between the row-major batch (rows n0 .. n0 + rows of x, d features each) and a tile buffer
- * stored feature-major, buf[f * T + t]. Done naively (one row at a time) every store into the tile lands on a
- * different cache line, T floats apart: at d = 1024, T = 128 the two transposes took ~0.2 ms per tile, as much
- * as a third of the forward. They now run over 8 x 8 blocks: on CPUs with AVX each block is transposed in
- * registers (unpack / shuffle / lane permute), else through a small array, so that every cache line of the
- * tile and of the batch is written whole while it is in L1. */
+ * stored feature-major, buf[f * T + t]. One row at a time, every store into the tile would land on a different
+ * cache line, T floats apart; so they run over 8 x 8 blocks: on CPUs with AVX each block is transposed in
+ * registers (unpack / shuffle / lane permute), else through a small array, and every cache line of the tile
+ * and of the batch is written whole while it is in L1. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define KAMA_HAVE_AVX_TRANSPOSE 1
@@ -382,10 +381,8 @@ DEFINE_ALL_T(double, f64)
 /* The row walk: small batches (batch 1: a policy step, one query) rotate each row in place, with no tile */
 /* and no transposes. A walk over one row moves no SIMD work, so its cost is memory operations: the (i, j) */
 /* come as one 64-bit load of the plan's (k, 2) int32 pairs and (c, s) as one load of interleaved          */
-/* coefficients, 6 loads and stores per rotation instead of 8 (d = 1024, k = 35k, standalone on this EPYC: */
-/* 0.74 -> 0.61 ns per rotation, ~2.4 cycles at its 3.95 GHz). Unrolled by 4: the plain                     */
-/* loop ran at 0.62 or 1.0-1.3 ns per rotation depending on where its first byte fell in a 64-byte line     */
-/* (nop-padding scan, 16 offsets: 4 slow); unrolled, 0.59-0.61 at 15 of 16 offsets (0.71 at one).          */
+/* coefficients, 6 loads and stores per rotation (about 2.4 cycles on the EPYC of docs/cpu-kernel.md). The */
+/* loop is unrolled by 4, which keeps its speed independent of where its code falls in a 64-byte line.     */
 /* ---------------------------------------------------------------------------------------------------- */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) &&                                     \
@@ -485,7 +482,7 @@ DEFINE_ROWS(double, f64)
 
 /* Rotations ahead whose rows the walk prefetches. A call may set it (job.prefetch >= 0, chosen by the Python  */
 /* side's tuning, kama.ops.tuning); by default 0 while the tile buffers fit the L2 (the hardware keeps up),    */
-/* else 2 (measured on an EPYC at d = 4096, 2 MiB tiles: 33 -> 51 GFLOP/s standalone; 4 and 8 no better).       */
+/* else 2: rows of larger tiles come from the L3 in an order the hardware prefetchers cannot predict.          */
 #define PREFETCH_MIN_BYTES (768 * 1024)
 #define PREFETCH_ROTATIONS 2
 #define prefetch_distance(TILE_BYTES) \

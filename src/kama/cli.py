@@ -33,6 +33,7 @@ def _gain(text: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kama`` command's argument parser (subcommands ``reproduce``, ``list`` and ``rl``)."""
     parser = argparse.ArgumentParser(prog="kama", description="KAMA-NNs: reproduce the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the registered experiments; write figures, CSVs and report.md")
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from ._optional import MissingDependencyError
     from .experiments.runner import load_experiments, reproduce
     from .records import FolderBusyError
 
@@ -139,7 +141,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         report = reproduce(mode=args.mode, only=args.only, out=args.out, overrides=_parse_set(args.set),
                            force=args.force, progress=not args.no_progress)
-    except (ValueError, TypeError, OSError, FolderBusyError) as e:
+    except (ValueError, TypeError, OSError, FolderBusyError, MissingDependencyError) as e:
         return _error(e, args.out)
     print(f"report: {report}")
     return 0

@@ -1,4 +1,4 @@
-"""Stored results that say what they were computed from: atomic files, provenance, content hashes, folder locks.
+r"""Stored results that say what they were computed from: atomic files, provenance, content hashes, folder locks.
 
 Used by ``kama reproduce`` (experiments), ``kama rl`` (runs and studies) and the benchmarks; nothing here
 imports torch-heavy code, experiments or RL.

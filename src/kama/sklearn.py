@@ -17,9 +17,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+
+from ._optional import MissingDependencyError
+
+try:
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as _e:
+    raise MissingDependencyError("kama.sklearn (PNGFeatures) needs scikit-learn, which is not installed: "
+                                 "pip install 'kama-nn[sklearn]'") from _e
 
 from .features import SAMPLERS, feature_map, random_matrix
 from .png import KERNELS, feature_function

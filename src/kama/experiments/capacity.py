@@ -183,6 +183,7 @@ def _plot(mix: list[dict], fit: list[dict], path) -> None:
 
 
 def run(cfg: CapacityConfig, ctx: RunContext) -> str:
+    """Run the mixing and fitting studies into ``ctx.out_dir``; returns the report section (Markdown)."""
     mix: list[dict] = []
     for family in cfg.families:
         for d in cfg.dims:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._optional import require
 from ..nn import KamaLinear, ToeplitzLinear
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import pyplot
@@ -71,8 +72,8 @@ FULL = DigitsConfig()
 def load_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X_train, y_train, X_test, y_test)`` of the bundled digits: a stratified 75 / 25 split, features
     standardized with the training part's mean and standard deviation (float32)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "reproduce", "the digits experiment").load_digits
+    train_test_split = require("sklearn.model_selection", "reproduce", "the digits experiment").train_test_split
 
     data = load_digits()
     xtr, xte, ytr, yte = train_test_split(data.data, data.target, test_size=0.25, random_state=seed,
@@ -133,6 +134,7 @@ def train_one(cfg: DigitsConfig, variant: str, seed: int) -> dict[str, Any]:
 
 
 def run(cfg: DigitsConfig, ctx: RunContext) -> str:
+    """Train every variant and seed into ``ctx.out_dir``; returns the report section (Markdown)."""
     torch.set_num_threads(1)
     res = {(v, s): ctx.unit(f"{v}_s{s}", partial(train_one, cfg, v, s))
            for v in cfg.variants for s in cfg.seeds}

@@ -63,6 +63,7 @@ def check_environment(cfg: ESExperimentConfig) -> None:
 
 
 def run(cfg: ESExperimentConfig, ctx: RunContext) -> str:
+    """Run the ES study into ``ctx.out_dir``; returns the report section (Markdown)."""
     from ..rl.es import ESConfig, train_es
 
     rows: list[dict] = []

@@ -108,6 +108,7 @@ class KernelApproxConfig:
 
 
 def run_kernel_approx(cfg: KernelApproxConfig, ctx: RunContext) -> str:
+    """Figures 1 and 2 into ``ctx.out_dir``; returns the report section (Markdown)."""
     rows = []
     for i, name in enumerate(cfg.datasets):
         X = subset(name, cfg.n_points, cfg.standardize, cfg.seed + i)
@@ -271,6 +272,7 @@ def mse_gap(d: int, sampler: str, cfg: GapConfig, seed: int) -> dict[str, Any]:
 
 
 def run_png_gap(cfg: GapConfig, ctx: RunContext) -> str:
+    """The Theorems 1-2 gap study into ``ctx.out_dir``; returns the report section (Markdown)."""
     rows = [ctx.unit(f"d{d}_{s}", partial(mse_gap, d, s, cfg, cfg.seed + d + 7 * SAMPLERS.index(s)))
             for d in cfg.dims for s in cfg.samplers]
     write_csv(ctx.out_dir / "png_gap.csv", rows)
@@ -337,6 +339,8 @@ class AblationConfig:
 
 
 def ablation_mse(X: torch.Tensor, sampler: str, reps: int, seed: int, num_rotations: int | None = None) -> float:
+    """Mean squared error of the angular kernel's ``m = d`` estimate over the off-diagonal pairs of ``X``, averaged
+    over ``reps`` draws of ``sampler`` (KRN with ``num_rotations`` rotations when given)."""
     n, d = X.shape
     K = png_kernel(X, X, "angular")
     off = ~torch.eye(n, dtype=torch.bool)
@@ -350,6 +354,7 @@ def ablation_mse(X: torch.Tensor, sampler: str, reps: int, seed: int, num_rotati
 
 
 def run_k_ablation(cfg: AblationConfig, ctx: RunContext) -> str:
+    """KRN's error against ``k / (d ln d)`` into ``ctx.out_dir``; returns the report section (Markdown)."""
     rows = []
     for i, name in enumerate(cfg.datasets):
         X = subset(name, cfg.n_points, True, cfg.seed + i)
@@ -439,6 +444,7 @@ def featurize_seconds(sampler: str, d: int, n_points: int, repeats: int, seed: i
 
 
 def run_feature_speed(cfg: SpeedConfig, ctx: RunContext) -> str:
+    """Featurization time of the samplers into ``ctx.out_dir``; returns the report section (Markdown)."""
     old = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
+
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (figures are written to files, never shown)."""
-    import matplotlib
-
+    """``matplotlib.pyplot`` on the Agg backend (figures are written to files, never shown); a
+    :class:`~kama._optional.MissingDependencyError` naming the ``reproduce`` extra when matplotlib is missing."""
+    matplotlib = require("matplotlib", "reproduce", "plotting")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require("matplotlib.pyplot", "reproduce", "plotting")
 
 
 def log_xticks(ax: Any, values: Iterable[float]) -> None:

@@ -141,6 +141,7 @@ def _curves(runs: list[Any], folders: list[Path]) -> dict[tuple, list[tuple[np.n
 
 
 def run(cfg: RLConfig, ctx: RunContext) -> str:
+    """Run the RL study (resumably) into ``ctx.out_dir``; returns the report section (Markdown)."""
     from ..rl.study import load_study_config, run_study
 
     study = load_study_config(cfg.study)

@@ -164,6 +164,7 @@ def _capacity(cfg: ManifoldConfig) -> list[dict]:
 
 
 def run(cfg: ManifoldConfig, ctx: RunContext) -> str:
+    """Theorem 3, convergence and capacity studies into ``ctx.out_dir``; returns the report section (Markdown)."""
     theorem = ctx.unit("theorem3", lambda: _theorem(cfg))
     conv = []
     for kind in cfg.problems:

@@ -9,8 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from .._optional import require
 from ..records import FolderLock, StaleResultWarning, check_manifest, content_hash, file_manifest
 from .base import REGISTRY, RunContext, atomic_write_text, provenance
 
@@ -143,7 +142,8 @@ def reproduce(
 def _run_all(registry: dict[str, Any], names: list[str], cfgs: dict[str, Any], mode: str, out: Path, force: bool,
              progress: bool) -> Path:
     total = sum(registry[n].num_units(cfgs[n]) for n in names)
-    bar = tqdm(total=total, desc=f"kama reproduce --{mode}", unit="unit", disable=not progress)
+    bar = require("tqdm.auto", "reproduce", "kama reproduce's progress bar").tqdm(
+        total=total, desc=f"kama reproduce --{mode}", unit="unit", disable=not progress)
     prov = provenance()
     sections = []
     for name in names:

@@ -26,6 +26,7 @@ __all__ = ["compute_dtype", "coefficients", "layer_order", "walk_forward", "walk
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a walk computes in: float64 for float64 data, float32 for everything else (16-bit included)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -41,7 +42,8 @@ def coefficients(
 
 
 def layer_order(plan: GivensPlan, transpose: bool) -> Sequence[int]:
-    # M = G_1 ... G_k acts on a vector from the last rotation to the first; the transpose the other way.
+    """The order in which a walk applies the plan's layers: ``M = G_1 ... G_k`` acts on a vector from the last
+    rotation to the first, ``M^T`` the other way."""
     return range(plan.depth) if transpose else range(plan.depth - 1, -1, -1)
 
 

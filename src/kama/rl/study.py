@@ -32,9 +32,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .._checks import check_bool, check_choice, check_int
+from .._optional import require
 from ..records import FolderLock, StaleResultWarning, check_manifest
 from .policies import ARCHITECTURES
 from .train import ALGORITHMS, RunConfig, stored_config, train, validate
@@ -345,6 +344,7 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local", wo
                              f"output folder or rerun them (rerun_changed=True, --rerun-changed): "
                              + " | ".join(changed[:5]) + more)
         (out / "study.json").write_text(json.dumps(dataclasses.asdict(study), indent=2))
+        tqdm = require("tqdm.auto", "rl", "kama rl study's progress bar").tqdm
         bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="kama rl study", unit="run",
                    disable=not progress)
         try:
