@@ -31,6 +31,14 @@ def test_expand_and_run_ids():
                                                        "structured_critic": True}))]
     assert sc == ["InvertedPendulum-v5__ppo__kama-K10-sc__s0", "InvertedPendulum-v5__ppo__toeplitz-sc__s0",
                   "InvertedPendulum-v5__ppo__mlp__s0"]
+    # KAMA-only options leave the baselines' runs as they are in any other study
+    swept = expand(load_study_config({**TINY, "architectures": ["kama", "toeplitz", "mlp"],
+                                      "angle_gain": ["dense", 1.0], "plane_sampler": ["live"]}))
+    base = {run_id(r): r for r in expand(load_study_config({**TINY, "architectures": ["toeplitz", "mlp"]}))}
+    others = [r for r in swept if r.architecture != "kama"]
+    assert len(others) == 2 and all(r == base[run_id(r)] for r in others)
+    assert {(r.angle_gain, r.plane_sampler) for r in swept if r.architecture == "kama"} == {("dense", "live"),
+                                                                                            (1.0, "live")}
 
 
 @pytest.mark.parametrize("data, match", [

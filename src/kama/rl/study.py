@@ -36,7 +36,7 @@ from .._checks import check_bool, check_choice, check_int
 from .._optional import require
 from ..records import FolderLock, StaleResultWarning, check_manifest
 from .policies import ARCHITECTURES
-from .train import ALGORITHMS, RunConfig, stored_config, train, validate
+from .train import ALGORITHMS, LEGACY_VALUES, RunConfig, stored_config, train, validate
 
 __all__ = ["StudyConfig", "load_study_config", "expand", "run_id", "is_finished", "run_problem", "config_changes",
            "run_study", "BACKENDS"]
@@ -180,11 +180,13 @@ def expand(study: StudyConfig) -> list[RunConfig]:
             hidden = study.hidden.get(algo, 64)
             for arch in study.architectures:
                 kama = arch == "kama"
+                # the KAMA-only options do not apply to the other architectures: their runs carry the neutral
+                # values, so that the same baseline run is the same run in every study
                 variants = itertools.product(
                     study.num_rotations if kama else study.num_rotations[:1],
                     study.learn_planes if kama else (False,),
-                    study.angle_gain if kama else study.angle_gain[:1],
-                    study.plane_sampler if kama else study.plane_sampler[:1],
+                    study.angle_gain if kama else (LEGACY_VALUES["angle_gain"],),
+                    study.plane_sampler if kama else (LEGACY_VALUES["plane_sampler"],),
                     study.normalize, study.seeds)
                 for k, lp, gain, sampler, norm, seed in variants:
                     runs.append(RunConfig(env_id=task, algo=algo, architecture=arch, hidden=hidden,
