@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("sb3_contrib")
 from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 
+from kama import KamaLinear  # noqa: E402
 from kama.cli import main  # noqa: E402
 from kama.rl.es import ESConfig, RayAsyncEval, StructuredARSPolicy, make_es_model, train_es, validate_es  # noqa: E402
 
@@ -67,6 +68,9 @@ def test_fast_predictions_equal_the_torch_forward(arch):
     ({"workers": 0}, "workers must be >= 1"),
     ({"backend": "slurm"}, "backend must be one of"),
     ({"action_gain": 0.0}, "action_gain must be a positive number"),
+    ({"angle_gain": "fast"}, "angle_gain must be one of"),
+    ({"angle_gain": -1.0}, "angle_gain must be > 0"),
+    ({"plane_sampler": "uniform"}, "plane_sampler must be one of"),
 ])
 def test_bad_es_config_fails_before_any_rollout(change, match):
     with pytest.raises(ValueError, match=match):
@@ -128,3 +132,18 @@ def test_action_gain_sets_the_initial_action_layer_and_is_checked():
     assert torch.allclose(big.action_net[4].scale, 100 * small.action_net[4].scale)
     with pytest.raises(ValueError, match="action_gain must be a positive number"):
         StructuredARSPolicy(small.observation_space, small.action_space, action_gain=-1.0)
+
+
+def test_angle_gain_and_live_planes_reach_every_kama_layer(tmp_path):
+    paper = make_es_model(ESConfig(**FAST)).policy
+    assert all(layer.angle_gain == 1.0 for layer in paper.action_net if isinstance(layer, KamaLinear))
+    model = make_es_model(ESConfig(**{**FAST, "angle_gain": "dense", "plane_sampler": "live"}))
+    layers = [m for m in model.policy.action_net if isinstance(m, KamaLinear)]
+    assert len(layers) == 3 and all(m.plane_sampler == "live" and m.angle_gain != 1.0 for m in layers)
+    assert layers[-1].angle_gain > 50  # the action layer starts at gain 0.01
+    assert all(int(m.dead_rotations().sum()) == 0 for m in layers)
+    model.save(tmp_path / "m.zip")  # the policy's constructor parameters carry both options
+    again = type(model).load(tmp_path / "m.zip").policy
+    assert [m.angle_gain for m in again.action_net if isinstance(m, KamaLinear)] == [m.angle_gain for m in layers]
+    with pytest.raises(ValueError, match="plane_sampler must be one of"):
+        StructuredARSPolicy(paper.observation_space, paper.action_space, plane_sampler="uniform")

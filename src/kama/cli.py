@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--hidden", type=int, default=16)
     es.add_argument("--rotations", type=int, default=50)
     es.add_argument("--action-gain", type=float, default=0.01, help="initial gain of the action layer")
+    es.add_argument("--angle-gain", default="1.0", type=_gain,
+                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's")
+    es.add_argument("--plane-sampler", default="iid", help="KAMA planes: iid (the paper's) or live (no dead rotation)")
     es.add_argument("--steps", type=int, default=200_000)
     es.add_argument("--population", type=int, default=16, help="candidates per iteration (antithetic pairs)")
     es.add_argument("--top", type=int, default=None, help="directions kept per update (default: all)")
@@ -162,6 +165,7 @@ def _rl(args: argparse.Namespace) -> int:
         try:
             es_cfg = ESConfig(env_id=args.env, architecture=args.policy, hidden=args.hidden,
                               num_rotations=args.rotations, action_gain=args.action_gain,
+                              angle_gain=args.angle_gain, plane_sampler=args.plane_sampler,
                               total_timesteps=args.steps, population=args.population,
                               n_top=args.top, sigma=args.sigma, learning_rate=args.lr,
                               normalize_observations=not args.no_obs_norm, eval_every=args.eval_every,

@@ -28,13 +28,27 @@ from .ops import (
 from .ops.linear import LinearCache, kama_linear, kama_weight
 from .planes import PlaneSelector
 
-__all__ = ["KamaLinear", "ToeplitzLinear", "to_linear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS"]
+__all__ = ["KamaLinear", "ToeplitzLinear", "to_linear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS",
+           "check_angle_gain"]
 
 ANGLE_GAINS: tuple[str, ...] = ("dense",)
 """Named rules for ``KamaLinear(angle_gain=...)`` (a positive float is accepted too)."""
 
 PLANE_SAMPLERS: tuple[str, ...] = ("iid", "live")
 """Values of ``KamaLinear(plane_sampler=...)``."""
+
+
+def check_angle_gain(angle_gain: object) -> float | str:
+    """``angle_gain`` validated: a rule of :data:`ANGLE_GAINS` (returned as is) or a positive finite number
+    (returned as ``float``); else a ``ValueError`` / ``TypeError`` naming the argument.
+
+    Example:
+        >>> check_angle_gain("dense"), check_angle_gain(2)
+        ('dense', 2.0)
+    """
+    if isinstance(angle_gain, str):
+        return check_choice("angle_gain", angle_gain, ANGLE_GAINS)
+    return check_real("angle_gain", angle_gain, minimum=0.0, strict_minimum=True)
 
 
 def dense_step_gain(pairs: torch.Tensor, angles: torch.Tensor, in_features: int, out_features: int,
@@ -222,12 +236,7 @@ class KamaLinear(nn.Module):
         self.learn_planes = bool(learn_planes)
         if self.learn_planes and not self.learn_angles:
             raise ValueError("learn_planes=True requires learn_angles=True, got learn_angles=False")
-        self._angle_gain_rule: float | str
-        if isinstance(angle_gain, str):
-            self._angle_gain_rule = check_choice("angle_gain", angle_gain, ANGLE_GAINS)
-        else:
-            check_real("angle_gain", angle_gain, minimum=0.0, strict_minimum=True)
-            self._angle_gain_rule = float(angle_gain)
+        self._angle_gain_rule: float | str = check_angle_gain(angle_gain)
         self.plane_sampler = check_choice("plane_sampler", plane_sampler, PLANE_SAMPLERS)
         if init_scale is not None:
             init_scale = check_real("init_scale", init_scale)

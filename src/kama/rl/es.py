@@ -35,6 +35,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 from .._checks import check_bool, check_choice, check_int
+from ..nn import PLANE_SAMPLERS, check_angle_gain
 from ..records import atomic_write_text, provenance, write_csv
 from .fast import FastActor
 from .policies import ARCHITECTURES, check_env, check_spaces, structured_layer
@@ -60,10 +61,14 @@ class StructuredARSPolicy(ARSPolicy):
             magnitude is set by one scalar per action, and its angles act only through that scalar, so at a
             small gain ES explores few observation-dependent actions; on Swimmer-v5 ARS leaves KAMA policies on
             the ~33 plateau with 0.01 and 0.3, and one seed of three leaves it with 1.0 (README, ES evidence).
+        angle_gain, plane_sampler: the KAMA layers' (:class:`kama.KamaLinear`): ``"dense"`` scales every angle
+            so that a unit step of all parameters moves a layer's weight as far as a dense layer's (ARS perturbs
+            every parameter by the same ``sigma``); ``"live"`` draws no dead rotation.
     """
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, architecture: str = "kama",
-                 hidden: int = 64, num_rotations: int = 200, action_gain: float = 0.01, **kwargs: Any) -> None:
+                 hidden: int = 64, num_rotations: int = 200, action_gain: float = 0.01,
+                 angle_gain: float | str = 1.0, plane_sampler: str = "iid", **kwargs: Any) -> None:
         check_spaces(observation_space, action_space)
         self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
         self.hidden = check_int("hidden", hidden, minimum=1)
@@ -71,16 +76,16 @@ class StructuredARSPolicy(ARSPolicy):
         if not (isinstance(action_gain, (int, float)) and action_gain > 0):
             raise ValueError(f"action_gain must be a positive number, got {action_gain!r}")
         self.action_gain = float(action_gain)
+        self.angle_gain = check_angle_gain(angle_gain)
+        self.plane_sampler = check_choice("plane_sampler", plane_sampler, PLANE_SAMPLERS)
         super().__init__(observation_space, action_space, net_arch=[hidden, hidden], activation_fn=nn.Tanh,
                          squash_output=True)
         obs_dim, act_dim = int(np.prod(observation_space.shape or (1,))), int(np.prod(action_space.shape or (1,)))
-        layers = [structured_layer(architecture, obs_dim, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
-                  nn.Tanh(),
-                  structured_layer(architecture, hidden, hidden, gain=math.sqrt(2), num_rotations=num_rotations),
-                  nn.Tanh(),
-                  structured_layer(architecture, hidden, act_dim, gain=self.action_gain,
-                                   num_rotations=num_rotations),
-                  nn.Tanh()]
+        kw: dict[str, Any] = {"num_rotations": num_rotations, "angle_gain": self.angle_gain,
+                              "plane_sampler": self.plane_sampler}
+        layers = [structured_layer(architecture, obs_dim, hidden, gain=math.sqrt(2), **kw), nn.Tanh(),
+                  structured_layer(architecture, hidden, hidden, gain=math.sqrt(2), **kw), nn.Tanh(),
+                  structured_layer(architecture, hidden, act_dim, gain=self.action_gain, **kw), nn.Tanh()]
         self.action_net = nn.Sequential(*layers)
         self._fast: FastActor | None = None
         self._fast_key: tuple | None = None
@@ -121,7 +126,7 @@ class StructuredARSPolicy(ARSPolicy):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {"observation_space": self.observation_space, "action_space": self.action_space,
                 "architecture": self.architecture, "hidden": self.hidden, "num_rotations": self.num_rotations,
-                "action_gain": self.action_gain}
+                "action_gain": self.action_gain, "angle_gain": self.angle_gain, "plane_sampler": self.plane_sampler}
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,8 @@ class ESConfig:
 
     Attributes:
         env_id: gymnasium id with Box spaces (e.g. ``Swimmer-v5``).
-        architecture, hidden, num_rotations, action_gain: the policy (see :class:`StructuredARSPolicy`).
+        architecture, hidden, num_rotations, action_gain, angle_gain, plane_sampler: the policy (see
+            :class:`StructuredARSPolicy`).
         total_timesteps: environment steps.
         population: candidates per iteration (``2 n_delta``: antithetic pairs), >= 2 and even.
         n_top: directions kept per update (default: all).
@@ -150,6 +156,8 @@ class ESConfig:
     hidden: int = 16
     num_rotations: int = 50
     action_gain: float = 0.01
+    angle_gain: float | str = 1.0
+    plane_sampler: str = "iid"
     total_timesteps: int = 200_000
     population: int = 16
     n_top: int | None = None
@@ -172,6 +180,8 @@ def validate_es(cfg: ESConfig, *, check_environment: bool = True) -> None:
     check_int("num_rotations", cfg.num_rotations, minimum=1)
     if not (isinstance(cfg.action_gain, (int, float)) and cfg.action_gain > 0):
         raise ValueError(f"action_gain must be a positive number, got {cfg.action_gain!r}")
+    check_angle_gain(cfg.angle_gain)
+    check_choice("plane_sampler", cfg.plane_sampler, PLANE_SAMPLERS)
     check_int("total_timesteps", cfg.total_timesteps, minimum=1)
     population = check_int("population", cfg.population, minimum=2)
     if population % 2:
@@ -328,7 +338,8 @@ def make_es_model(cfg: ESConfig) -> ARS:
     return ARS(StructuredARSPolicy, _vec_env(cfg, cfg.seed), n_delta=cfg.population // 2, n_top=cfg.n_top,
                learning_rate=cfg.learning_rate, delta_std=cfg.sigma, seed=cfg.seed, device="cpu", zero_policy=False,
                policy_kwargs={"architecture": cfg.architecture, "hidden": cfg.hidden,
-                              "num_rotations": cfg.num_rotations, "action_gain": cfg.action_gain})
+                              "num_rotations": cfg.num_rotations, "action_gain": cfg.action_gain,
+                              "angle_gain": cfg.angle_gain, "plane_sampler": cfg.plane_sampler})
 
 
 def _evaluate(model: BaseAlgorithm, cfg: ESConfig) -> list[float]:

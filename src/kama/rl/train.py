@@ -19,7 +19,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from .._checks import check_bool, check_choice, check_int, check_real
-from ..nn import ANGLE_GAINS, PLANE_SAMPLERS
+from ..nn import PLANE_SAMPLERS, check_angle_gain
 from ..records import atomic_write_text, file_manifest, provenance, write_csv
 from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
@@ -136,10 +136,7 @@ def validate(cfg: RunConfig) -> None:
     check_int("num_rotations", cfg.num_rotations, minimum=1)
     check_bool("structured_critic", cfg.structured_critic)
     check_bool("learn_planes", cfg.learn_planes)
-    if isinstance(cfg.angle_gain, str):
-        check_choice("angle_gain", cfg.angle_gain, ANGLE_GAINS)
-    else:
-        check_real("angle_gain", cfg.angle_gain, minimum=0.0, strict_minimum=True)
+    check_angle_gain(cfg.angle_gain)
     check_choice("plane_sampler", cfg.plane_sampler, PLANE_SAMPLERS)
     check_bool("normalize", cfg.normalize)
     check_int("total_timesteps", cfg.total_timesteps, minimum=1)
