@@ -67,8 +67,11 @@ def check(device: str) -> list[str]:
     """Max deviations from the reference walk (outputs and gradients) on odd shapes."""
     lines = []
     g = torch.Generator().manual_seed(0)
-    for dtype, d, k, n in ((torch.float64, 37, 800, 300), (torch.float32, 257, 7000, 1000)):
-        pairs = kama.random_pairs(d, k, generator=g)
+    for dtype, d, k, n, sampler in ((torch.float64, 37, 800, 300, kama.random_pairs),
+                                    (torch.float32, 257, 7000, 1000, kama.random_pairs),
+                                    (torch.float32, 257, 7001, 1000, kama.blocked_pairs),
+                                    (torch.float64, 64, 500, 300, kama.blocked_pairs)):
+        pairs = sampler(d, k, generator=g)
         angles = kama.random_angles(k, generator=g, dtype=dtype).to(device)
         x = torch.randn(n, d, generator=g, dtype=dtype).to(device)
         w = torch.randn(n, d, generator=g, dtype=dtype).to(device)
@@ -82,8 +85,9 @@ def check(device: str) -> list[str]:
         for eng in engines(device):
             errs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
                     for a, b in zip(outs[eng], outs["reference"], strict=True)]
-            lines.append(f"- {eng}, {dtype}, d={d}, k={k}, B={n}: max relative deviation from the reference walk: "
-                         f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, angle gradient {errs[2]:.1e}")
+            lines.append(f"- {eng}, {dtype}, {sampler.__name__}, d={d}, k={k}, B={n}: max relative deviation from "
+                         f"the reference walk: output {errs[0]:.1e}, input gradient {errs[1]:.1e}, "
+                         f"angle gradient {errs[2]:.1e}")
     gpu.GPU_ENGINE = "auto"
     return lines
 
@@ -110,11 +114,17 @@ def bench(d: int, batch: int, repeats: int, device: str, reference: bool) -> tup
             t["reference walk"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="reference"),
                                         max(3, repeats // 4), device)
         xb16, ab16 = x.bfloat16(), angles.bfloat16()
+        blocked = kama.GivensPlan(kama.blocked_pairs(d, k, generator=g), d)
         for eng in engines(device):
             gpu.GPU_ENGINE = eng
             t[f"kama {eng} fp32"] = timer(lambda: kama.givens_apply(x, plan, angles, backend="cuda"), repeats, device)
             t[f"kama {eng} bf16 i/o"] = timer(lambda: kama.givens_apply(xb16, plan, ab16, backend="cuda"), repeats,
                                              device)
+            # register-blocked plans: the NVRTC engine runs its register-blocked forward, Triton the generic walk
+            t[f"kama {eng} blocked fp32"] = timer(lambda: kama.givens_apply(x, blocked, angles, backend="cuda"),
+                                                  repeats, device)
+            t[f"kama {eng} blocked bf16 i/o"] = timer(
+                lambda: kama.givens_apply(xb16, blocked, ab16, backend="cuda"), repeats, device)
     base = t["matmul fp32"]
     rows = [f"| {d} | {batch} | {name} | {sec * 1e3:.3f} | {base / sec:.2f}x | "
             + (f"{gflop / sec / 1e3:.2f}" if name.startswith(("kama", "reference")) else "") + " |"

@@ -117,3 +117,47 @@ def test_emulated_cuda_kernels_match_the_reference_walk(toolchain, io, cdtype, b
     torch.testing.assert_close(gx.double(), xr.grad, atol=tol, rtol=0)
     scale = ar.grad.abs().max().item()
     torch.testing.assert_close(ga, ar.grad, atol=16 * torch.finfo(io).eps * scale * max(1, n), rtol=0)
+
+
+BLOCKED_CASES = [  # io dtype, state dtype, rows per tile, threads, n, d, k (a tail when k % 12), transpose, blocks
+    (torch.float32, torch.float32, 8, 32, 17, 40, 365, False, 2),
+    (torch.float32, torch.float32, 16, 64, 21, 64, 240, True, 2),
+    (torch.float64, torch.float64, 4, 32, 9, 35, 131, True, 1),
+    (torch.bfloat16, torch.float32, 8, 32, 10, 24, 100, False, 1),
+]
+
+
+@pytest.mark.parametrize("io, cdtype, bb, nt, n, d, k, transpose, grid", BLOCKED_CASES)
+def test_emulated_register_blocked_forward_matches_the_reference_walk(toolchain, io, cdtype, bb, nt, n, d, k,
+                                                                     transpose, grid):
+    exe = _build(toolchain, io, cdtype, bb, nt)
+    work = exe.parent
+    g = torch.Generator().manual_seed(d + k + 1)
+    plan = givens.as_plan(kama.ops.blocked_pairs(d, k, generator=g), d)
+    sched = _cuda.blocked_schedule(plan, torch.device("cpu"))
+    assert sched is not None and int(sched.tail_ij.shape[0]) == k % 12
+    angles = kama.random_angles(k, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(io)
+    a = angles.to(cdtype)
+    gcs, tcs = _cuda.blocked_records(sched, torch.cos(a), -torch.sin(a) if transpose else torch.sin(a))
+    for name, t in (("x.bin", x), ("slots.bin", sched.slots), ("gcs.bin", gcs), ("goff.bin", sched.offsets),
+                    ("tij.bin", sched.tail_ij), ("tcs.bin", tcs)):
+        (work / name).write_bytes(_raw(t))
+    groups = int(sched.slots.shape[0])
+    subprocess.run([str(exe), "bfwd", str(n), str(d), str(groups), str(sched.layers), str(-(-n // bb)), str(grid),
+                    str(int(transpose)), str(work), str(k % 12)], check=True, timeout=120)
+    y = _read(work / "y.bin", io, (n, d))
+    yr = kama.givens_apply(x.double(), plan, angles, backend="reference", transpose=transpose)
+    tol = 8 * torch.finfo(io).eps * max(1.0, yr.abs().max().item())
+    torch.testing.assert_close(y.double(), yr.to(io).double(), atol=tol, rtol=0)
+    # each layer's groups are disjoint, and far fewer barriers than the generic walk's layers
+    for lo, hi in zip(sched.offsets[:-1].tolist(), sched.offsets[1:].tolist(), strict=True):
+        rows = sched.slots[lo:hi].reshape(-1)
+        assert rows.unique().numel() == rows.numel()
+    assert sched.layers * 3 <= plan.depth + 3
+
+
+def test_blocked_schedule_is_none_for_other_plans():
+    plan = givens.as_plan(kama.random_pairs(32, 120, generator=torch.Generator().manual_seed(0)), 32)
+    assert _cuda.blocked_schedule(plan, torch.device("cpu")) is None
+    assert plan.caches.on(torch.device("cpu")).gpu_blocked is False  # decided once per plan

@@ -250,6 +250,24 @@ def test_both_gpu_engines_agree(monkeypatch, dtype, d, n):
         assert (a.float() - b.float()).abs().max().item() <= t * 50 * scale
 
 
+@pytest.mark.skipif(not (CUDA and _cuda.available()), reason="needs a CUDA device and NVRTC")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d, n, k, transpose", [(40, 37, 365, False), (257, 130, 7001, True), (4096, 9, 24000, False)])
+def test_nvrtc_register_blocked_forward_matches_the_generic_walk(monkeypatch, dtype, d, n, k, transpose):
+    g = torch.Generator().manual_seed(d)
+    plan = kama.GivensPlan(kama.blocked_pairs(d, k, generator=g), d)
+    angles = kama.random_angles(k, generator=g, dtype=torch.float32).to(DEV, dtype)
+    x = torch.randn(n, d, generator=g).to(DEV, dtype)
+    monkeypatch.setattr(gpu, "GPU_ENGINE", "nvrtc")
+    blocked = kama.givens_apply(x, plan, angles, backend="cuda", transpose=transpose)
+    assert _cuda.blocked_schedule(plan, x.device) is not None
+    monkeypatch.setattr(_cuda, "BLOCKED_KERNEL", False)
+    generic = kama.givens_apply(x, plan, angles, backend="cuda", transpose=transpose)
+    scale = generic.float().abs().max().item()
+    t = 8 * torch.finfo(dtype).eps * (1 if dtype in (torch.float32, torch.float64) else 4)
+    assert (blocked.float() - generic.float()).abs().max().item() <= t * 50 * scale
+
+
 def test_nvrtc_compile_failure_is_a_typed_error_and_disables_the_engine(monkeypatch):
     def broken(src, name):
         raise RuntimeError("CUDA error: simulated")

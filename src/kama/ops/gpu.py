@@ -91,8 +91,19 @@ def _call(name: str, x: torch.Tensor, plan: GivensPlan, *args):
 
 def forward(x: torch.Tensor, plan: GivensPlan, transpose: bool,
             coef: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x M^T`` (``x M`` when ``transpose``) of a 2-D batch; ``coef`` from :func:`coefficients`."""
-    ii, jj, offsets, _ = plan.sorted_pairs(x.device)
+    """``x M^T`` (``x M`` when ``transpose``) of a 2-D batch; ``coef`` from :func:`coefficients`. Register-blocked
+    plans run through the NVRTC register-blocked kernel where the NVRTC engine runs."""
+    ii, jj, offsets, perm = plan.sorted_pairs(x.device)
+    cdtype = compute_dtype(x.dtype)
+    if gpu_nvrtc.BLOCKED_KERNEL and _engine(x, cdtype) is gpu_nvrtc:
+        sched = gpu_nvrtc.blocked_schedule(plan, x.device)
+        if sched is not None:
+            c = torch.empty_like(coef[0]).index_copy_(0, perm, coef[0])  # product order
+            s = torch.empty_like(coef[1]).index_copy_(0, perm, coef[1])
+            try:
+                return gpu_nvrtc.forward_blocked(_rows(x), sched, c, s, transpose, cdtype)
+            except gpu_nvrtc.CompileError as exc:
+                warnings.warn(f"{exc}; using the Triton kernels from now on", RuntimeWarning, stacklevel=3)
     return _call("forward", x, plan, _rows(x), ii, jj, coef[0], coef[1], offsets, plan.depth, transpose)
 
 

@@ -24,13 +24,15 @@ kernel per (dtype, tile rows, threads, direction) is compiled on first use (~0.1
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .._checks import env_int
 
-__all__ = ["CompileError", "available", "supports", "forward", "backward", "source", "tile_rows"]
+__all__ = ["CompileError", "available", "supports", "forward", "forward_blocked", "backward", "source", "tile_rows",
+           "blocked_schedule", "BlockedSchedule", "BLOCKED_KERNEL"]
 
 TILE_BYTES = env_int("KAMA_CUDA_TILE_BYTES", 64 * 1024, minimum=1024)
 """Target shared memory of one block's tile(s); the rows per tile ``BB`` are the largest power of two that fits."""
@@ -201,6 +203,84 @@ extern "C" __global__ void __launch_bounds__(NT) kama_bwd(
             cur = nxt;
         }
         store_tile(gx, gt, stride_gx, t * BB, n, d);
+        __syncthreads();
+    }
+}
+// Register-blocked plans (kama.ops.blocked): a group rotates its 8 rows 12 times in three butterfly rounds. A
+// layer holds disjoint groups; each unit (group, V columns) loads its 8 rows' vectors into registers once,
+// applies the 12 rotations there and stores them once (16 shared-memory accesses per 12 rotations instead of 48).
+// gcs[12 g + q] is group g's q-th rotation in application order (sin already negated for the transpose, where the
+// layers and each group's rotations run backwards). The tail (rotations after the last whole group) runs one
+// rotation per step, after the groups (before them for the transpose).
+__device__ __forceinline__ void rot_vec(vec_t& a, vec_t& b, acc_t c, acc_t s) {
+    vec_t ra, rb;
+    ra.x = c * a.x - s * b.x; rb.x = s * a.x + c * b.x;
+    ra.y = c * a.y - s * b.y; rb.y = s * a.y + c * b.y;
+#if V == 4
+    ra.z = c * a.z - s * b.z; rb.z = s * a.z + c * b.z;
+    ra.w = c * a.w - s * b.w; rb.w = s * a.w + c * b.w;
+#endif
+    a = ra; b = rb;
+}
+
+__device__ __forceinline__ void tail_step(acc_t* tile, const int2* __restrict__ tij, const vec2_t* __restrict__ tcs,
+                                          int q) {
+    if ((int)threadIdx.x < G) {
+        int2 p = tij[q];
+        vec2_t r = tcs[q];
+        vec_t* pa = (vec_t*)(tile + p.x * BB) + threadIdx.x;
+        vec_t* pb = (vec_t*)(tile + p.y * BB) + threadIdx.x;
+        vec_t a = *pa, b = *pb;
+        rot_vec(a, b, r.x, r.y);
+        *pa = a; *pb = b;
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(NT) kama_blk_fwd(
+        const io_t* __restrict__ x, io_t* __restrict__ y, const int* __restrict__ slots,
+        const vec2_t* __restrict__ gcs, const int* __restrict__ goff, const int2* __restrict__ tij,
+        const vec2_t* __restrict__ tcs, int n, int d, int layers, int tail, int n_tiles, int stride_x,
+        int stride_y, int transpose) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    acc_t* tile = (acc_t*)smem;
+    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        load_tile(tile, x, stride_x, t * BB, n, d);
+        __syncthreads();
+        if (transpose)
+            for (int q = tail - 1; q >= 0; --q) tail_step(tile, tij, tcs, q);
+        for (int step = 0; step < layers; ++step) {
+            int layer = transpose ? layers - 1 - step : step;
+            int lo = goff[layer], units = (goff[layer + 1] - lo) * G;
+            for (int u = threadIdx.x; u < units; u += NT) {
+                int grp = lo + u / G, g = u % G;
+                const int* sl = slots + 8 * grp;
+                const vec2_t* q = gcs + 12 * grp;
+                vec_t* p[8];
+                vec_t v[8];
+                for (int m = 0; m < 8; ++m) { p[m] = (vec_t*)(tile + sl[m] * BB) + g; v[m] = *p[m]; }
+                if (!transpose) {
+                    rot_vec(v[0], v[1], q[0].x, q[0].y);   rot_vec(v[2], v[3], q[1].x, q[1].y);
+                    rot_vec(v[4], v[5], q[2].x, q[2].y);   rot_vec(v[6], v[7], q[3].x, q[3].y);
+                    rot_vec(v[0], v[2], q[4].x, q[4].y);   rot_vec(v[1], v[3], q[5].x, q[5].y);
+                    rot_vec(v[4], v[6], q[6].x, q[6].y);   rot_vec(v[5], v[7], q[7].x, q[7].y);
+                    rot_vec(v[0], v[4], q[8].x, q[8].y);   rot_vec(v[1], v[5], q[9].x, q[9].y);
+                    rot_vec(v[2], v[6], q[10].x, q[10].y); rot_vec(v[3], v[7], q[11].x, q[11].y);
+                } else {
+                    rot_vec(v[3], v[7], q[11].x, q[11].y); rot_vec(v[2], v[6], q[10].x, q[10].y);
+                    rot_vec(v[1], v[5], q[9].x, q[9].y);   rot_vec(v[0], v[4], q[8].x, q[8].y);
+                    rot_vec(v[5], v[7], q[7].x, q[7].y);   rot_vec(v[4], v[6], q[6].x, q[6].y);
+                    rot_vec(v[1], v[3], q[5].x, q[5].y);   rot_vec(v[0], v[2], q[4].x, q[4].y);
+                    rot_vec(v[6], v[7], q[3].x, q[3].y);   rot_vec(v[4], v[5], q[2].x, q[2].y);
+                    rot_vec(v[2], v[3], q[1].x, q[1].y);   rot_vec(v[0], v[1], q[0].x, q[0].y);
+                }
+                for (int m = 0; m < 8; ++m) *p[m] = v[m];
+            }
+            __syncthreads();
+        }
+        if (!transpose)
+            for (int q = 0; q < tail; ++q) tail_step(tile, tij, tcs, q);
+        store_tile(y, tile, stride_y, t * BB, n, d);
         __syncthreads();
     }
 }
@@ -446,3 +526,94 @@ def backward(y: torch.Tensor, gy: torch.Tensor, ii: torch.Tensor, jj: torch.Tens
     g = gpart.to(torch.float64).sum(0) * sign.to(torch.float64)  # sign is exact (+1, -1, 0) in any dtype
     return gx, torch.zeros(k, dtype=torch.float64, device=y.device).index_copy_(
         0, src.index_select(0, valid), g.index_select(0, valid))
+
+
+BLOCKED_KERNEL = True
+"""Run register-blocked plans' forward through the register-blocked kernel (``False``: the generic walk, for
+measuring the difference). The backward of every plan runs through the generic kernel."""
+
+
+@dataclass(frozen=True)
+class BlockedSchedule:
+    """A register-blocked plan's groups as the NVRTC kernel walks them.
+
+    Attributes:
+        slots: ``(groups, 8)`` int32 rows of every group, groups sorted by layer (disjoint within a layer, each
+            after every earlier group it shares a row with: the product is unchanged).
+        rot: ``(groups, 12)`` int64: the plan's rotation (product order) of each group's rotations in
+            application order.
+        offsets: ``(layers + 1,)`` int32 group offsets of the layers.
+        tail_ij: ``(tail, 2)`` int32 pairs of the rotations after the last whole group, in application order;
+            tail_rot: their rotation indices.
+    """
+
+    slots: torch.Tensor
+    rot: torch.Tensor
+    offsets: torch.Tensor
+    tail_ij: torch.Tensor
+    tail_rot: torch.Tensor
+
+    @property
+    def layers(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+
+def blocked_schedule(plan: Any, device: torch.device) -> BlockedSchedule | None:
+    """The :class:`BlockedSchedule` of a register-blocked ``plan`` on ``device`` (``None`` for other plans), cached
+    on the plan."""
+    cache = plan.caches.on(device)
+    if cache.gpu_blocked is None:
+        from .blocked import GROUP_ROTATIONS, structure
+
+        st = structure(plan)
+        if st is None:
+            cache.gpu_blocked = False
+        else:
+            slots = st.slots.to(torch.int64)
+            last = [-1] * plan.d  # the layer of the last group that touched each row
+            layer_of = []
+            for row in slots.tolist():
+                layer = 1 + max(last[r] for r in row)
+                for r in row:
+                    last[r] = layer
+                layer_of.append(layer)
+            layer_t = torch.tensor(layer_of, dtype=torch.int64)
+            order = torch.sort(layer_t, stable=True).indices
+            counts = torch.bincount(layer_t, minlength=int(layer_t.max()) + 1 if layer_of else 0)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+            k = plan.num_rotations
+            g = torch.arange(st.groups, dtype=torch.int64)[:, None]
+            rot = k - 1 - GROUP_ROTATIONS * g - torch.arange(GROUP_ROTATIONS, dtype=torch.int64)[None, :]
+            tail_rot = torch.arange(st.tail - 1, -1, -1, dtype=torch.int64)
+            cache.gpu_blocked = BlockedSchedule(
+                slots[order].to(torch.int32).contiguous().to(device), rot[order].contiguous().to(device),
+                offsets.to(torch.int32).to(device),
+                plan.pairs_view.index_select(0, tail_rot).to(torch.int32).contiguous().to(device),
+                tail_rot.to(device))
+    return cache.gpu_blocked or None
+
+
+def blocked_records(sched: BlockedSchedule, c: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gcs, tcs)``: the groups' and the tail's ``(cos, applied sin)`` records from per-rotation ``c, s``
+    (product order)."""
+    gcs = torch.stack([c.index_select(0, sched.rot.reshape(-1)), s.index_select(0, sched.rot.reshape(-1))], 1)
+    tcs = torch.stack([c.index_select(0, sched.tail_rot), s.index_select(0, sched.tail_rot)], 1)
+    return gcs.contiguous(), tcs.contiguous()
+
+
+def forward_blocked(x: torch.Tensor, sched: BlockedSchedule, c: torch.Tensor, s: torch.Tensor, transpose: bool,
+                    cdtype: torch.dtype) -> torch.Tensor:
+    """``x M^T`` (``x M`` when ``transpose``) of a register-blocked plan, ``c, s`` its rotations' cos and applied
+    sin in product order (the caller checked :func:`supports`)."""
+    x = _int32(x)
+    n, d = x.shape
+    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    bb, smem, n_tiles, grid = _plan_args(n, d, cdtype, 1, x.device)
+    gcs, tcs = blocked_records(sched, c, s)
+    kern = _kernel("kama_blk_fwd", x.dtype, cdtype, bb, THREADS, smem)
+    kern(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=smem,
+         args=[x, y, sched.slots, gcs, sched.offsets, sched.tail_ij, tcs, n, d, sched.layers,
+               int(sched.tail_ij.shape[0]), n_tiles, _stride(x), _stride(y), int(transpose)])
+    return y

@@ -124,12 +124,15 @@ class DeviceTensors:
             kernels' input).
         layered: the flat positions of every layer's 2 x 2 blocks in the stacked layer matrices, by ``transpose``.
         gpu_banks: the NVRTC kernels' bank-conflict-free schedule, by the number of rotations per phase.
+        gpu_blocked: the NVRTC register-blocked kernel's schedule of a blocked plan's groups, ``False`` for a plan
+            without that structure, ``None`` until first use.
     """
 
     gather: tuple[torch.Tensor, ...] | None = None
     sorted: tuple[torch.Tensor, ...] | None = None
     layered: dict[bool, torch.Tensor] = field(default_factory=dict)
     gpu_banks: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    gpu_blocked: Any = None
 
 
 @dataclass
