@@ -178,6 +178,14 @@ def test_report_from_study_folders(tmp_path):
     assert main(["rl", "report", "--study", str(tmp_path / "s"), str(tmp_path / "s"), "--out",
                  str(tmp_path / "r4")]) == 0
     assert "+/- 0.0 | 1 |" in (tmp_path / "r4" / "report.md").read_text()
+    # gain, planes and normalization variants are their own rows, each normalized by the MLP of its protocol
+    vn = load_study_config({**TINY, "angle_gain": ["dense"], "plane_sampler": ["live"], "normalize": [True]})
+    run_study(vn, tmp_path / "s3", workers=1, progress=False)
+    assert main(["rl", "report", "--study", str(tmp_path / "s"), str(tmp_path / "s3"), "--out",
+                 str(tmp_path / "r5")]) == 0
+    text = (tmp_path / "r5" / "report.md").read_text()
+    assert "| ppo | KAMA (dense gain, live planes, VecNormalize) | 1 |" in text
+    assert "| ppo | unstructured (VecNormalize) | 1 | 1.000 |" in text and "| ppo | unstructured | 1 | 1.000 |" in text
 
 
 def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys):

@@ -25,19 +25,43 @@ ARCH_ORDER = ("kama", "toeplitz", "mlp")
 
 
 def _variant(r: Any) -> str:
-    """Architecture of a run as reported: ``"kama"``, ``"toeplitz"``, ``"mlp"``, with ``-sc`` when a structured
-    architecture also has a structured critic."""
-    sc = getattr(r, "structured_critic", False) and r.architecture != "mlp"
-    return r.architecture + ("-sc" if sc else "")
+    """Architecture of a run as reported: ``"kama"``, ``"toeplitz"``, ``"mlp"``, with the run id's tags for what
+    sets a run apart: ``-g...`` (a KAMA angle gain other than 1), ``-live`` (live planes), ``-sc`` (a structured
+    critic), ``-vn`` (``VecNormalize``)."""
+    from ..rl.study import _gain_tag
+
+    v = r.architecture
+    if v == "kama":
+        gain = getattr(r, "angle_gain", 1.0)
+        if not (isinstance(gain, int | float) and float(gain) == 1.0):
+            v += _gain_tag(gain)
+        if getattr(r, "plane_sampler", "iid") != "iid":
+            v += f"-{r.plane_sampler}"
+    if getattr(r, "structured_critic", False) and r.architecture != "mlp":
+        v += "-sc"
+    if getattr(r, "normalize", False):
+        v += "-vn"
+    return v
+
+
+_TAGS = {"live": "live planes", "sc": "structured critic", "vn": "VecNormalize"}
+
+
+def _tags(variant: str) -> list[str]:
+    return variant.split("-")[1:]
 
 
 def _label(variant: str) -> str:
-    base = variant.removesuffix("-sc")
-    return LABEL[base] + (" (structured critic)" if variant != base else "")
+    base, tags = variant.split("-")[0], _tags(variant)
+    words = [("dense gain" if t == "gdense" else f"gain {t[1:]}") if t.startswith("g") else _TAGS.get(t, t)
+             for t in tags]
+    return LABEL[base] + (f" ({', '.join(words)})" if words else "")
 
 
-def _order(variant: str) -> tuple[int, bool]:
-    return ARCH_ORDER.index(variant.removesuffix("-sc")), variant.endswith("-sc")
+def _order(variant: str) -> tuple[int, str]:
+    return ARCH_ORDER.index(variant.split("-")[0]), variant
+
+
 PAPER_TABLE1 = {"HalfCheetah-v5": (15, 7), "Walker2d-v5": (15, 7), "Hopper-v5": (17, 8)}
 
 
@@ -182,7 +206,8 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
         return f"No finished run yet ({missing} unfinished)."
     groups = _curves(runs, folders)
     default_k = {(r.env_id, r.algo): r.num_rotations for r in reversed(runs) if r.architecture == "kama"}
-    main = {k: v for k, v in groups.items() if not k[4] and (k[2] != "kama" or k[3] == default_k.get(k[:2]))}
+    main = {k: v for k, v in groups.items()
+            if not k[4] and (not k[2].startswith("kama") or k[3] == default_k.get(k[:2]))}
     plot_curves(main, out_dir / "learning_curves.png",
                  "Figures 3-4: KAMA vs Toeplitz vs unstructured policies (mean +/- std over seeds)",
                  lambda k: _label(k[2]))
@@ -192,14 +217,17 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     if damaged:
         extra += ["Left out as damaged or made with another config (rerun the study to redo them):", ""]
         extra += [f"- {line}" for line in damaged] + [""]
-    abl = {k: v for k, v in groups.items() if k[2] == "kama" and not k[4]}
+    abl = {k: v for k, v in groups.items() if k[2].startswith("kama") and not k[4]}
     if len({k[3] for k in abl}) > 1:
-        plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K", lambda k: f"K = {k[3]}")
+        many = len({k[2] for k in abl}) > 1
+        plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K",
+                    lambda k: (f"{_label(k[2])}, " if many else "") + f"K = {k[3]}")
         extra += [f"![K ablation]({link_prefix}k_ablation.png)", ""]
-    pl = {k: v for k, v in groups.items() if k[2] == "kama"}
+    pl = {k: v for k, v in groups.items() if k[2].startswith("kama")}
     if len({k[4] for k in pl}) > 1:
         plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
-                     lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}")
+                     lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}"
+                     + (f" ({_label(k[2])})" if len({q[2] for q in pl}) > 1 else ""))
         extra += [f"![planes]({link_prefix}planes.png)", ""]
     finals: list[dict[str, Any]] = []
     for r, folder in zip(runs, folders, strict=True):
@@ -221,21 +249,23 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
                      f"{'learned' if group[4] else 'random'} | {np.mean(vals):.1f} +/- {np.std(vals):.1f} | "
                      f"{len(vals)} |")
     lines += ["", "Aggregate over tasks: IQM of final returns normalized by the unstructured policy's mean on the "
-              "same task and algorithm, with a 95 % stratified-bootstrap interval (over the tasks each variant ran "
-              "on):", "", "| algo | architecture | tasks | IQM | 95 % CI |", "|---|---|---|---|---|"]
+              "same task and algorithm under the same observation / reward normalization, with a 95 % "
+              "stratified-bootstrap interval (over the tasks each variant ran on):", "",
+              "| algo | architecture | tasks | IQM | 95 % CI |", "|---|---|---|---|---|"]
     for algo in sorted({f["algo"] for f in finals}):
         tasks = sorted({f["task"] for f in finals if f["algo"] == algo})
-        base = {t: np.mean([f["final_return"] for f in finals if f["algo"] == algo and f["task"] == t
-                            and f["architecture"] == "mlp"] or [np.nan]) for t in tasks}
         for arch in sorted({f["architecture"] for f in finals if f["algo"] == algo}, key=_order):
-            cols = [[f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
-                     and f["architecture"] == arch and not f["learn_planes"]
-                     and (not arch.startswith("kama") or f["K"] == default_k.get((t, algo)))] for t in tasks]
-            cols = [c for c in cols if c]  # the tasks this variant was run on
-            n = min((len(c) for c in cols), default=0)
-            if n == 0 or any(not np.isfinite(base[t]) or base[t] == 0 for t in tasks):
+            mlp = "mlp-vn" if "vn" in _tags(arch) else "mlp"
+            base = {t: np.mean([f["final_return"] for f in finals if f["algo"] == algo and f["task"] == t
+                                and f["architecture"] == mlp] or [np.nan]) for t in tasks}
+            cols = {t: [f["final_return"] / base[t] for f in finals if f["algo"] == algo and f["task"] == t
+                        and f["architecture"] == arch and not f["learn_planes"]
+                        and (not arch.startswith("kama") or f["K"] == default_k.get((t, algo)))] for t in tasks}
+            cols = {t: c for t, c in cols.items() if c}  # the tasks this variant was run on
+            n = min((len(c) for c in cols.values()), default=0)
+            if n == 0 or any(not np.isfinite(base[t]) or base[t] == 0 for t in cols):
                 continue
-            mid, lo, hi = iqm_with_ci(np.array([c[:n] for c in cols]).T)
+            mid, lo, hi = iqm_with_ci(np.array([c[:n] for c in cols.values()]).T)
             lines.append(f"| {algo} | {_label(arch)} | {len(cols)} | {mid:.3f} | [{lo:.3f}, {hi:.3f}] |")
     lines += ["", "Table 1 (actor parameters relative to the unstructured actor, counted from the models; "
               "paper's values in brackets):", "", "| algo | task | h | K | KAMA | Toeplitz |",
