@@ -92,6 +92,11 @@ def run(cfg: ESExperimentConfig, ctx: RunContext) -> str:
     for arch in cfg.architectures:
         finals = [g[1][-1] for g in groups[(cfg.env_id, "es", arch, 0, False)]]
         lines.append(f"| {LABEL[arch]} | {params[arch]} | {np.mean(finals):.1f} +/- {np.std(finals):.1f} |")
+    steps = int(cfg.es.get("total_timesteps", ESConfig.total_timesteps))
+    if len(cfg.seeds) < 3 or steps < 500_000:
+        lines += ["", f"A small run ({len(cfg.seeds)} seed(s) x {steps} steps per policy): it shows that ES trains "
+                  "every policy and what the curves look like; it cannot rank the policies, whose differences at "
+                  "this budget are within seed-to-seed noise. The multi-seed evidence is in `results/evidence/`."]
     lines += ["", f"Config: `{asdict(cfg)}`"]
     return "\n".join(lines)
 

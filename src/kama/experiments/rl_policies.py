@@ -171,7 +171,13 @@ def run(cfg: RLConfig, ctx: RunContext) -> str:
     study = load_study_config(cfg.study)
     run_study(study, ctx.out_dir / "runs", workers=cfg.workers or None, progress=False)
     ctx.bar.update(1)
-    return report([(study, ctx.out_dir / "runs")], ctx.out_dir, cfg, link_prefix="rl/") + f"\n\nConfig: `{asdict(cfg)}`"
+    text = report([(study, ctx.out_dir / "runs")], ctx.out_dir, cfg, link_prefix="rl/")
+    if len(study.seeds) < 3 or study.total_timesteps < 100_000:
+        text += (f"\n\nA small run ({len(study.seeds)} seed(s) x {study.total_timesteps} steps per policy): it shows "
+                 "that every policy trains and what the curves look like; it cannot rank the policies, whose "
+                 "differences at this budget are within seed-to-seed noise. The multi-seed evidence is in "
+                 "`results/evidence/`.")
+    return text + f"\n\nConfig: `{asdict(cfg)}`"
 
 
 def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK, link_prefix: str = "") -> str:
