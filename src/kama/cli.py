@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER
+
 
 def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
@@ -58,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rotations", type=int, default=200, help="Givens rotations per layer K (paper: 200 / 100)")
     tr.add_argument("--structured-critic", action="store_true", help="structure the critic too (default: dense)")
     tr.add_argument("--learn-planes", action="store_true", help="learn the rotation planes (section 6.3)")
-    tr.add_argument("--angle-gain", default="1.0", type=_gain,
-                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's")
-    tr.add_argument("--plane-sampler", default="iid", help="KAMA planes: iid (the paper's) or live (no dead rotation)")
-    tr.add_argument("--normalize", action="store_true",
-                    help="VecNormalize observations and rewards (as OpenAI baselines' MuJoCo runs)")
+    tr.add_argument("--angle-gain", default=DEFAULT_ANGLE_GAIN, type=_gain,
+                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's "
+                    "(default: %(default)s)")
+    tr.add_argument("--plane-sampler", default=DEFAULT_PLANE_SAMPLER,
+                    help="KAMA planes: iid (the paper's) or live (no dead rotation) (default: %(default)s)")
+    tr.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="VecNormalize observations and rewards, as OpenAI baselines' MuJoCo runs (default: "
+                    "RunConfig's)")
     tr.add_argument("--steps", type=int, default=100_000, help="environment steps")
     tr.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
     tr.add_argument("--eval-episodes", type=int, default=5)
@@ -84,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--hidden", type=int, default=16)
     es.add_argument("--rotations", type=int, default=50)
     es.add_argument("--action-gain", type=float, default=0.01, help="initial gain of the action layer")
-    es.add_argument("--angle-gain", default="1.0", type=_gain,
-                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's")
-    es.add_argument("--plane-sampler", default="iid", help="KAMA planes: iid (the paper's) or live (no dead rotation)")
+    es.add_argument("--angle-gain", default=DEFAULT_ANGLE_GAIN, type=_gain,
+                    help="KAMA angle gain: 'dense' (a dense layer's step size) or a number; 1.0 is the paper's "
+                    "(default: %(default)s)")
+    es.add_argument("--plane-sampler", default=DEFAULT_PLANE_SAMPLER,
+                    help="KAMA planes: iid (the paper's) or live (no dead rotation) (default: %(default)s)")
     es.add_argument("--steps", type=int, default=200_000)
     es.add_argument("--population", type=int, default=16, help="candidates per iteration (antithetic pairs)")
     es.add_argument("--top", type=int, default=None, help="directions kept per update (default: all)")
@@ -207,7 +214,8 @@ def _rl(args: argparse.Namespace) -> int:
         cfg = RunConfig(env_id=args.env, algo=args.algo, architecture=args.policy, hidden=args.hidden,
                         num_rotations=args.rotations, structured_critic=args.structured_critic,
                         learn_planes=args.learn_planes, angle_gain=args.angle_gain,
-                        plane_sampler=args.plane_sampler, normalize=args.normalize,
+                        plane_sampler=args.plane_sampler,
+                        normalize=RunConfig.normalize if args.normalize is None else args.normalize,
                         total_timesteps=args.steps, eval_every=args.eval_every,
                         eval_episodes=args.eval_episodes, seed=args.seed, algo_kwargs=algo_kwargs)
         out = args.out or f"results/rl/{args.env}-{args.algo}-{args.policy}-s{args.seed}"

@@ -29,13 +29,23 @@ from .ops.linear import LinearCache, kama_linear, kama_weight
 from .planes import PlaneSelector
 
 __all__ = ["KamaLinear", "ToeplitzLinear", "to_linear", "dense_step_gain", "ANGLE_GAINS", "PLANE_SAMPLERS",
-           "check_angle_gain"]
+           "DEFAULT_ANGLE_GAIN", "DEFAULT_PLANE_SAMPLER", "PAPER_SETTINGS", "check_angle_gain"]
 
 ANGLE_GAINS: tuple[str, ...] = ("dense",)
 """Named rules for ``KamaLinear(angle_gain=...)`` (a positive float is accepted too)."""
 
 PLANE_SAMPLERS: tuple[str, ...] = ("iid", "live")
 """Values of ``KamaLinear(plane_sampler=...)``."""
+
+DEFAULT_ANGLE_GAIN: float | str = 1.0
+"""Default ``angle_gain`` of :class:`KamaLinear` and of the KAMA layers of :mod:`kama.rl`."""
+
+DEFAULT_PLANE_SAMPLER: str = "iid"
+"""Default ``plane_sampler`` of :class:`KamaLinear` and of the KAMA layers of :mod:`kama.rl`."""
+
+PAPER_SETTINGS: dict[str, float | str] = {"angle_gain": 1.0, "plane_sampler": "iid"}
+"""The paper's parametrization of a learned KAMA layer (``KamaLinear(**PAPER_SETTINGS)``): angles in radians and
+i.i.d. planes."""
 
 
 def check_angle_gain(angle_gain: object) -> float | str:
@@ -210,8 +220,8 @@ class KamaLinear(nn.Module):
         num_rotations: int | None = None,
         learn_angles: bool = True,
         learn_planes: bool = False,
-        angle_gain: float | str = 1.0,
-        plane_sampler: str = "iid",
+        angle_gain: float | str = DEFAULT_ANGLE_GAIN,
+        plane_sampler: str = DEFAULT_PLANE_SAMPLER,
         init_scale: float | None = None,
         plane_update_every: int = 50,
         plane_candidates: int = 16,

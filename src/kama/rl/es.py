@@ -35,7 +35,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 from .._checks import check_bool, check_choice, check_int
-from ..nn import PLANE_SAMPLERS, check_angle_gain
+from ..nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER, PLANE_SAMPLERS, check_angle_gain
 from ..records import atomic_write_text, provenance, write_csv
 from .fast import FastActor
 from .policies import ARCHITECTURES, check_env, check_spaces, structured_layer
@@ -68,7 +68,8 @@ class StructuredARSPolicy(ARSPolicy):
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, architecture: str = "kama",
                  hidden: int = 64, num_rotations: int = 200, action_gain: float = 0.01,
-                 angle_gain: float | str = 1.0, plane_sampler: str = "iid", **kwargs: Any) -> None:
+                 angle_gain: float | str = DEFAULT_ANGLE_GAIN, plane_sampler: str = DEFAULT_PLANE_SAMPLER,
+                 **kwargs: Any) -> None:
         check_spaces(observation_space, action_space)
         self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
         self.hidden = check_int("hidden", hidden, minimum=1)
@@ -156,8 +157,8 @@ class ESConfig:
     hidden: int = 16
     num_rotations: int = 50
     action_gain: float = 0.01
-    angle_gain: float | str = 1.0
-    plane_sampler: str = "iid"
+    angle_gain: float | str = DEFAULT_ANGLE_GAIN
+    plane_sampler: str = DEFAULT_PLANE_SAMPLER
     total_timesteps: int = 200_000
     population: int = 16
     n_top: int | None = None

@@ -29,8 +29,8 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.preprocessing import get_action_dim
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int, check_real
-from ..nn import ANGLE_GAINS, PLANE_SAMPLERS, KamaLinear, ToeplitzLinear
+from .._checks import check_bool, check_choice, check_int
+from ..nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER, PLANE_SAMPLERS, KamaLinear, ToeplitzLinear, check_angle_gain
 
 __all__ = ["ARCHITECTURES", "KamaActorCriticPolicy", "StructuredMlpExtractor", "structured_layer",
            "actor_parameter_count", "check_spaces", "check_env"]
@@ -39,8 +39,8 @@ ARCHITECTURES: tuple[str, ...] = ("kama", "toeplitz", "mlp")
 
 
 def structured_layer(architecture: str, in_features: int, out_features: int, *, gain: float,
-                     num_rotations: int = 200, learn_planes: bool = False, angle_gain: float | str = 1.0,
-                     plane_sampler: str = "iid") -> nn.Module:
+                     num_rotations: int = 200, learn_planes: bool = False, angle_gain: float | str = DEFAULT_ANGLE_GAIN,
+                     plane_sampler: str = DEFAULT_PLANE_SAMPLER) -> nn.Module:
     """One layer of the given architecture, initialized like SB3's orthogonal init with ``gain``.
 
     KAMA layers start with every scalar at ``gain`` (their rotation is orthogonal already) and a zero bias;
@@ -73,7 +73,7 @@ class StructuredMlpExtractor(nn.Module):
 
     def __init__(self, feature_dim: int, hidden: int, architecture: str, num_rotations: int,
                  structured_critic: bool, learn_planes: bool, activation_fn: type[nn.Module],
-                 angle_gain: float | str = 1.0, plane_sampler: str = "iid") -> None:
+                 angle_gain: float | str = DEFAULT_ANGLE_GAIN, plane_sampler: str = DEFAULT_PLANE_SAMPLER) -> None:
         super().__init__()
         kama: dict[str, Any] = {"num_rotations": num_rotations, "learn_planes": learn_planes, "angle_gain": angle_gain,
                 "plane_sampler": plane_sampler}
@@ -145,19 +145,16 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, lr_schedule: Any, *,
                  architecture: str = "kama", hidden: int = 64, num_rotations: int = 200,
-                 structured_critic: bool = False, learn_planes: bool = False, angle_gain: float | str = 1.0,
-                 plane_sampler: str = "iid", **kwargs: Any) -> None:
+                 structured_critic: bool = False, learn_planes: bool = False,
+                 angle_gain: float | str = DEFAULT_ANGLE_GAIN, plane_sampler: str = DEFAULT_PLANE_SAMPLER,
+                 **kwargs: Any) -> None:
         check_spaces(observation_space, action_space)
         self.architecture = check_choice("architecture", architecture, ARCHITECTURES)
         self.hidden = check_int("hidden", hidden, minimum=1)
         self.num_rotations = check_int("num_rotations", num_rotations, minimum=1)
         self.structured_critic = check_bool("structured_critic", structured_critic)
         self.learn_planes = check_bool("learn_planes", learn_planes)
-        if isinstance(angle_gain, str):
-            check_choice("angle_gain", angle_gain, ANGLE_GAINS)
-        else:
-            check_real("angle_gain", angle_gain, minimum=0.0, strict_minimum=True)
-        self.angle_gain = angle_gain
+        self.angle_gain = check_angle_gain(angle_gain)
         self.plane_sampler = check_choice("plane_sampler", plane_sampler, PLANE_SAMPLERS)
         if kwargs.get("net_arch") is not None:
             raise ValueError(f"net_arch is not used by KamaActorCriticPolicy (two hidden layers of `hidden` units); "

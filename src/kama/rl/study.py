@@ -77,9 +77,9 @@ class StudyConfig:
     eval_episodes: int = 5
     algo_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     structured_critic: bool = False
-    angle_gain: tuple[float | str, ...] = (1.0,)
-    plane_sampler: tuple[str, ...] = ("iid",)
-    normalize: tuple[bool, ...] = (False,)
+    angle_gain: tuple[float | str, ...] = (RunConfig.angle_gain,)
+    plane_sampler: tuple[str, ...] = (RunConfig.plane_sampler,)
+    normalize: tuple[bool, ...] = (RunConfig.normalize,)
 
 
 _TUPLES: dict[str, type | tuple[type, ...]] = {"tasks": str, "algos": str, "architectures": str, "seeds": int,

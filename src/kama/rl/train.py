@@ -19,7 +19,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from .._checks import check_bool, check_choice, check_int, check_real
-from ..nn import PLANE_SAMPLERS, check_angle_gain
+from ..nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER, PLANE_SAMPLERS, check_angle_gain
 from ..records import atomic_write_text, file_manifest, provenance, write_csv
 from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
@@ -62,8 +62,8 @@ class RunConfig:
     num_rotations: int = 200
     structured_critic: bool = False
     learn_planes: bool = False
-    angle_gain: float | str = 1.0
-    plane_sampler: str = "iid"
+    angle_gain: float | str = DEFAULT_ANGLE_GAIN
+    plane_sampler: str = DEFAULT_PLANE_SAMPLER
     normalize: bool = False
     total_timesteps: int = 100_000
     eval_every: int = 10_000
