@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -25,20 +26,29 @@ def provenance_lines(command: str, threads: str | int) -> list[str]:
             f"commit `{git_commit()}`; {datetime.date.today().isoformat()}.  "]
 
 
-def write_section(path: Path | None, name: str, lines: list[str], *, per_machine: bool = True) -> None:
-    """Replace the section ``name`` of ``path`` (between its begin/end markers; appended if absent). With
-    ``per_machine`` the section belongs to this kind of machine (one table per machine seen)."""
+def write_section(path: Path | None, name: str, lines: list[str], *, per_machine: bool = True,
+                  device: str | None = None) -> None:
+    """Replace the section ``name`` of ``path`` (between its begin/end markers). With ``per_machine`` the section
+    belongs to this kind of machine (one table per machine seen): a new machine's goes after the other machines'
+    tables of the same benchmark. Otherwise a new section is appended. ``device`` names the machine instead of the
+    host CPU (a GPU's name)."""
     if path is None:
         return
+    bench = name
     if per_machine:
-        name = f"{name}:{machine().slug()}"
-        lines = [f"### {machine().summary()}", "", *lines]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-") if device else machine().slug()
+        name = f"{name}:{slug}"
+        lines = [f"### {device or machine().summary()}", "", *lines]
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = "\n".join([begin, *lines, end])
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if begin in text and end in text:
         a, b = text.index(begin), text.index(end) + len(end)
         text = text[:a] + block + text[b:]
+    elif per_machine and (others := list(re.finditer(rf"<!-- {re.escape(bench)}:[^ ]+:end -->", text))):
+        # another machine's table of this benchmark: this machine's goes right after it
+        b = others[-1].end()
+        text = text[:b] + "\n\n" + block + text[b:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -213,7 +213,7 @@ def main() -> None:
     if not _triton.available():
         sys.exit(f"Triton is not available: {_triton.import_error()}")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter, smoke test)"
-    lines = ["### GPU run: Triton and NVRTC kernels vs dense products", "",
+    lines = ["Triton and NVRTC kernels against dense products.", "",
              *provenance_lines("python " + " ".join(sys.argv), "GPU"), f"Device: {name}.", "",
              "Correctness on the device:", *check(device), "",
              "Forward, fp32 input and output (ratio = fp32 matmul time / time; > 1 is faster; TFLOP/s counts 6 "
@@ -234,7 +234,7 @@ def main() -> None:
             print("\n".join(rows + fb), flush=True)
     lines += fb_lines + sweep_lines
     print("\n".join(lines))
-    write_section(args.write, "gpu", lines)
+    write_section(args.write, "gpu", lines, device=name)
 
 
 if __name__ == "__main__":

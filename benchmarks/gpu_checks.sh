@@ -24,4 +24,4 @@ wait $build; echo "C extension build exit: $?"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_triton.py \
     "tests/test_givens.py" "tests/test_nn.py" -k "triton or cuda or nvrtc or engine" > "$out/tests.log" 2>&1
 echo "tests exit: $?"; tail -25 "$out/tests.log"
-sed -n '/gpu:begin/,/gpu:end/p' "$out/BENCHMARKS.md"
+sed -n '/<!-- gpu:.*:begin/,/<!-- gpu:.*:end/p' "$out/BENCHMARKS.md"

@@ -55,9 +55,12 @@ def test_calibration_takes_the_fastest_candidates():
         return candidates[-1]
 
     t = tuning.calibrate(timer=fastest_is_last)
-    assert t.tile_budget_bytes == tuning.from_caches(describe().l2).tile_budget_bytes
-    assert seen == [[32, 64, 128], [16, 32, 64], [0, 2, 4], [16, 32, 64]]
-    assert (t.max_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == (128, 64, 4, 64)
+    base = tuning.from_caches(describe().l2)
+    assert t.tile_budget_bytes == base.tile_budget_bytes
+    # the built-in setting first, then the alternatives
+    assert seen == [[128, 64, 32], [32, 16, 64], [2, 0, 4], [32, 16, 64]]
+    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == \
+        (32, 32, 32, 4, 64)
     assert t.source.startswith("calibrated")
 
     def fastest_is_first(candidates, run):
@@ -65,8 +68,27 @@ def test_calibration_takes_the_fastest_candidates():
         return candidates[0]
 
     t = tuning.calibrate(timer=fastest_is_first)
-    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch) == (32, 32, 16, 0)
-    assert t.tile_width(300, 1024, 4, 1) == 32
+    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == \
+        (base.max_columns, base.forward_min_columns, base.backward_min_columns, base.prefetch, base.blocked_columns)
+
+
+@pytest.mark.parametrize("costs, expected", [
+    ({"builtin": 1.0, "a": 0.99, "b": 1.2}, "builtin"),   # 1 % faster: not enough to replace the built-in
+    ({"builtin": 1.0, "a": 0.90, "b": 0.95}, "a"),        # 10 % faster
+    ({"builtin": 1.0, "a": 1.5, "b": 1.1}, "builtin"),
+])
+def test_best_keeps_the_builtin_setting_unless_another_is_clearly_faster(monkeypatch, costs, expected):
+    clock = [0.0]
+    calls = []
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+
+    def run(c):
+        calls.append(c)
+        clock[0] += costs[c] * (3.0 if len(calls) % 5 == 0 else 1.0)  # interference slows some calls
+
+    assert tuning._best(["builtin", "a", "b"], run, repeats=4) == expected
+    # round-robin: every round times each candidate once, after one warm-up call each
+    assert calls == ["builtin", "a", "b"] * 5
 
 
 PROBE = """
