@@ -133,7 +133,8 @@ def test_live_layers_have_no_dead_rotation_and_iid_ones_do(shape):
         live = kama.KamaLinear(*shape, num_rotations=200, plane_sampler="live",
                                generator=torch.Generator().manual_seed(seed))
         assert int(live.dead_rotations().sum()) == 0
-    iid = kama.KamaLinear(*shape, num_rotations=200, generator=torch.Generator().manual_seed(0))
+    iid = kama.KamaLinear(*shape, num_rotations=200, plane_sampler="iid",
+                          generator=torch.Generator().manual_seed(0))
     assert (int(iid.dead_rotations().sum()) > 0) == (shape[0] != shape[1])
 
 

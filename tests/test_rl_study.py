@@ -14,10 +14,12 @@ import pytest
 pytest.importorskip("stable_baselines3")
 from kama.cli import main  # noqa: E402
 from kama.rl.study import StudyConfig, expand, is_finished, load_study_config, run_id, run_study  # noqa: E402
+from kama.rl.train import RunConfig  # noqa: E402
 
 TINY = {"tasks": ["InvertedPendulum-v5"], "algos": ["ppo"], "architectures": ["kama", "mlp"], "seeds": [0],
         "hidden": {"ppo": 8}, "num_rotations": [10], "total_timesteps": 256, "eval_every": 256,
-        "eval_episodes": 1, "algo_kwargs": {"ppo": {"n_steps": 128, "batch_size": 64}}}
+        "eval_episodes": 1, "algo_kwargs": {"ppo": {"n_steps": 128, "batch_size": 64}},
+        "angle_gain": [1.0], "plane_sampler": ["iid"], "normalize": [False]}  # the paper's layers, raw environments
 
 
 def test_expand_and_run_ids():
@@ -39,6 +41,10 @@ def test_expand_and_run_ids():
     assert len(others) == 2 and all(r == base[run_id(r)] for r in others)
     assert {(r.angle_gain, r.plane_sampler) for r in swept if r.architecture == "kama"} == {("dense", "live"),
                                                                                             (1.0, "live")}
+    # the defaults: live planes, the paper's angle gain, VecNormalize
+    assert run_id(RunConfig()) == "InvertedPendulum-v5__ppo__kama-K200-live-vn__s0"
+    assert [run_id(r) for r in expand(StudyConfig(architectures=("kama", "mlp"), seeds=(0,)))] == [
+        "InvertedPendulum-v5__ppo__kama-K200-live-vn__s0", "InvertedPendulum-v5__ppo__mlp-vn__s0"]
 
 
 @pytest.mark.parametrize("data, match", [

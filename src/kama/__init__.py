@@ -6,7 +6,7 @@ rotation based neural networks" (AISTATS 2019).
 
 from __future__ import annotations
 
-from .nn import KamaLinear, ToeplitzLinear, to_linear
+from .nn import PAPER_SETTINGS, KamaLinear, ToeplitzLinear, to_linear
 from .ops import (
     BACKENDS,
     GivensPlan,
@@ -29,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "GivensPlan",
     "KamaLinear",
+    "PAPER_SETTINGS",
     "ToeplitzLinear",
     "asap_layers",
     "blocked_pairs",

@@ -131,7 +131,7 @@ class KamaActorCriticPolicy(ActorCriticPolicy):
         learn_planes: KAMA layers learn their planes (paper section 6.3).
         angle_gain: KAMA layers' angle gain (:class:`kama.KamaLinear`): ``"dense"`` or a float (1.0: the
             paper's parametrization).
-        plane_sampler: KAMA layers' planes: ``"iid"`` (the paper's) or ``"live"`` (no dead rotation).
+        plane_sampler: KAMA layers' planes: ``"live"`` (no dead rotation, the default) or ``"iid"`` (the paper's).
         **kwargs: forwarded to ``ActorCriticPolicy`` (``log_std_init``, ``activation_fn``, ...); ``net_arch``
             is rejected (the architecture is ``hidden`` x 2).
 

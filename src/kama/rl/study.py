@@ -151,7 +151,7 @@ def _gain_tag(gain: float | str) -> str:
 def run_id(cfg: RunConfig) -> str:
     """Folder name of a run: task, algorithm, architecture (for KAMA: K, ``-planes`` for learned planes, ``-g...``
     for an angle gain other than the paper's 1, ``-live`` for live planes; ``-sc`` for a structured critic;
-    ``-vn`` for ``VecNormalize``) and seed. The paper's settings give the names runs have always had."""
+    ``-vn`` for ``VecNormalize``) and seed; the paper's settings add no tag."""
     arch = cfg.architecture
     if arch == "kama":
         arch += f"-K{cfg.num_rotations}" + ("-planes" if cfg.learn_planes else "")

@@ -44,10 +44,12 @@ class RunConfig:
         learn_planes: learn the rotation planes (section 6.3).
         angle_gain: KAMA layers' angle gain (:class:`kama.KamaLinear`): ``"dense"`` (a dense layer's step size)
             or a float (1.0: the paper's parametrization).
-        plane_sampler: KAMA layers' planes: ``"iid"`` (the paper's) or ``"live"`` (no dead rotation).
+        plane_sampler: KAMA layers' planes: ``"live"`` (no dead rotation, the default) or ``"iid"`` (the
+            paper's).
         normalize: wrap the training environment in ``VecNormalize`` (running normalization of observations and
-            rewards, as OpenAI baselines' MuJoCo runs that the paper used); evaluation normalizes observations
-            with the training statistics and reports raw returns. Applied alike to every architecture.
+            rewards, as OpenAI baselines' MuJoCo runs that the paper used; the default); evaluation normalizes
+            observations with the training statistics and reports raw returns. Applied alike to every
+            architecture.
         total_timesteps: environment steps.
         eval_every: steps between evaluations (also one at step 0 and one at the end).
         eval_episodes: episodes per evaluation (deterministic actions, a separate seeded environment).
@@ -64,7 +66,7 @@ class RunConfig:
     learn_planes: bool = False
     angle_gain: float | str = DEFAULT_ANGLE_GAIN
     plane_sampler: str = DEFAULT_PLANE_SAMPLER
-    normalize: bool = False
+    normalize: bool = True
     total_timesteps: int = 100_000
     eval_every: int = 10_000
     eval_episodes: int = 5
