@@ -288,3 +288,14 @@ def test_policy_passes_the_kama_options_to_every_layer():
 def test_bad_adaptive_run_options(change, err, match):
     with pytest.raises(err, match=match):
         validate(RunConfig(**change))
+
+
+def test_cli_normalize_flag_defaults_to_the_run_config():
+    from kama.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["rl", "train"]).normalize is None and RunConfig.normalize is True
+    assert parse(["rl", "train", "--no-normalize"]).normalize is False
+    assert parse(["rl", "train", "--normalize"]).normalize is True
+    args = parse(["rl", "train"])
+    assert (args.angle_gain, args.plane_sampler) == (1.0, "live")
