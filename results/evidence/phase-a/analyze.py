@@ -32,15 +32,32 @@ def variant(run) -> tuple[str, bool]:
 
 
 def read(folder: Path) -> tuple[float, float, float]:
+    """(final return, mean approx_kl, mean clip fraction) of a run folder."""
     with open(folder / "returns.csv") as f:
         returns = [float(r["mean_return"]) for r in csv.DictReader(f)]
+    if not (folder / "updates.csv").exists():  # a run copied from an evidence study made before updates.csv
+        return float(np.mean(returns[-3:])), float("nan"), float("nan")
     with open(folder / "updates.csv") as f:
         ups = list(csv.DictReader(f))
     return (float(np.mean(returns[-3:])), float(np.mean([float(u["approx_kl"]) for u in ups])),
             float(np.mean([float(u["clip_fraction"]) for u in ups])))
 
 
+def _mean_known(values: list[float]) -> float:
+    """The mean of the values that were measured (NaN if none was)."""
+    known = [v for v in values if not np.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
+
+
+def _ratio(value: float, mlp: float | None) -> str:
+    """``value (value / mlp)``, or n/a where a run set had no ``updates.csv``."""
+    if np.isnan(value):
+        return "n/a"
+    return f"{value:.4f}" + (f" ({value / mlp:.2f})" if mlp is not None and not np.isnan(mlp) else "")
+
+
 def main() -> None:
+    """Print (and with ``--write`` store) the table and the rule's outcome."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", type=Path, default=None)
     args = ap.parse_args()
@@ -58,18 +75,16 @@ def main() -> None:
         finals = np.array([r[1] for r in rs])
         mid, lo, hi = iqm_with_ci(finals[:, None])
         stats[key] = {"n": len(rs), "iqm": mid, "lo": lo, "hi": hi, "mean": finals.mean(), "std": finals.std(),
-                      "kl": float(np.mean([r[2] for r in rs])), "clip": float(np.mean([r[3] for r in rs])),
+                      "kl": _mean_known([r[2] for r in rs]), "clip": _mean_known([r[3] for r in rs]),
                       "finals": [round(x) for x in finals]}
     lines = ["| variant | VecNormalize | seeds | IQM [95 % CI] | mean +/- std | finals | approx_kl (x MLP) | "
              "clip fraction (x MLP) |", "|---|---|---|---|---|---|---|---|"]
     for key in sorted(stats, key=lambda k: (k[1], k[0])):
         s = stats[key]
         mlp = stats.get(("mlp", key[1]))
-        rk = f" ({s['kl'] / mlp['kl']:.2f})" if mlp else ""
-        rc = f" ({s['clip'] / mlp['clip']:.2f})" if mlp else ""
+        kl, clip = _ratio(s["kl"], mlp["kl"] if mlp else None), _ratio(s["clip"], mlp["clip"] if mlp else None)
         lines.append(f"| {key[0]} | {'yes' if key[1] else 'no'} | {s['n']} | {s['iqm']:.0f} [{s['lo']:.0f}, "
-                     f"{s['hi']:.0f}] | {s['mean']:.0f} +/- {s['std']:.0f} | {s['finals']} | {s['kl']:.4f}{rk} | "
-                     f"{s['clip']:.3f}{rc} |")
+                     f"{s['hi']:.0f}] | {s['mean']:.0f} +/- {s['std']:.0f} | {s['finals']} | {kl} | {clip} |")
     lines += [""]
     # the rule: under VecNormalize, the highest IQM; within 5 % of it, the KL / clip closest to the MLP's, then the
     # fewest changes from the paper
