@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from .._optional import require
-from ..nn import KamaLinear, ToeplitzLinear
+from ..nn import PAPER_SETTINGS, KamaLinear, ToeplitzLinear
 from .base import Experiment, RunContext, check_fields, register, write_csv
 from .plotting import pyplot
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {},
     "kama": {},
-    "kama-paper": {"angle_gain": 1.0, "plane_sampler": "iid"},
+    "kama-paper": dict(PAPER_SETTINGS),
     "toeplitz": {},
 }
 """Layer families of the experiment: ``kama`` uses :class:`kama.KamaLinear`'s defaults, ``kama-paper`` the paper's

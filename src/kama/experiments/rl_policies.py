@@ -28,15 +28,11 @@ def _variant(r: Any) -> str:
     """Architecture of a run as reported: ``"kama"``, ``"toeplitz"``, ``"mlp"``, with the run id's tags for what
     sets a run apart: ``-g...`` (a KAMA angle gain other than 1), ``-live`` (live planes), ``-sc`` (a structured
     critic), ``-vn`` (``VecNormalize``)."""
-    from ..rl.study import _gain_tag
+    from ..rl.study import _kama_tags
 
     v = r.architecture
     if v == "kama":
-        gain = getattr(r, "angle_gain", 1.0)
-        if not (isinstance(gain, int | float) and float(gain) == 1.0):
-            v += _gain_tag(gain)
-        if getattr(r, "plane_sampler", "iid") != "iid":
-            v += f"-{r.plane_sampler}"
+        v += _kama_tags(r)
     if getattr(r, "structured_critic", False) and r.architecture != "mlp":
         v += "-sc"
     if getattr(r, "normalize", False):

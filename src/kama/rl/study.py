@@ -34,6 +34,7 @@ from typing import Any
 
 from .._checks import check_bool, check_choice, check_int
 from .._optional import require
+from ..nn import PAPER_SETTINGS
 from ..records import FolderLock, StaleResultWarning, check_manifest
 from .policies import ARCHITECTURES
 from .train import ALGORITHMS, LEGACY_VALUES, RunConfig, stored_config, train, validate
@@ -148,17 +149,24 @@ def _gain_tag(gain: float | str) -> str:
     return f"-g{gain}" if isinstance(gain, str) else f"-g{float(gain):g}"
 
 
+def _kama_tags(cfg: RunConfig) -> str:
+    """The run-id tags of a KAMA run's layer settings that differ from the paper's (``-g...``, ``-live``)."""
+    tags = ""
+    gain = cfg.angle_gain
+    if not (isinstance(gain, int | float) and float(gain) == PAPER_SETTINGS["angle_gain"]):
+        tags += _gain_tag(gain)
+    if cfg.plane_sampler != PAPER_SETTINGS["plane_sampler"]:
+        tags += f"-{cfg.plane_sampler}"
+    return tags
+
+
 def run_id(cfg: RunConfig) -> str:
     """Folder name of a run: task, algorithm, architecture (for KAMA: K, ``-planes`` for learned planes, ``-g...``
     for an angle gain other than the paper's 1, ``-live`` for live planes; ``-sc`` for a structured critic;
     ``-vn`` for ``VecNormalize``) and seed; the paper's settings add no tag."""
     arch = cfg.architecture
     if arch == "kama":
-        arch += f"-K{cfg.num_rotations}" + ("-planes" if cfg.learn_planes else "")
-        if not (isinstance(cfg.angle_gain, int | float) and float(cfg.angle_gain) == 1.0):
-            arch += _gain_tag(cfg.angle_gain)
-        if cfg.plane_sampler != "iid":
-            arch += f"-{cfg.plane_sampler}"
+        arch += f"-K{cfg.num_rotations}" + ("-planes" if cfg.learn_planes else "") + _kama_tags(cfg)
     if arch != "mlp" and cfg.structured_critic:
         arch += "-sc"
     if cfg.normalize:

@@ -19,7 +19,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from .._checks import check_bool, check_choice, check_int, check_real
-from ..nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER, PLANE_SAMPLERS, check_angle_gain
+from ..nn import DEFAULT_ANGLE_GAIN, DEFAULT_PLANE_SAMPLER, PAPER_SETTINGS, PLANE_SAMPLERS, check_angle_gain
 from ..records import atomic_write_text, file_manifest, provenance, write_csv
 from .policies import ARCHITECTURES, KamaActorCriticPolicy, actor_parameter_count, check_env
 
@@ -74,7 +74,7 @@ class RunConfig:
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-LEGACY_VALUES: dict[str, Any] = {"angle_gain": 1.0, "plane_sampler": "iid", "normalize": False}
+LEGACY_VALUES: dict[str, Any] = {**PAPER_SETTINGS, "normalize": False}
 """Fields added to :class:`RunConfig` after runs were stored, with the value that reproduces a run made before the
 field existed (used when a stored ``config.json`` is compared with a config)."""
 
