@@ -57,10 +57,11 @@ def test_calibration_takes_the_fastest_candidates():
     t = tuning.calibrate(timer=fastest_is_last)
     base = tuning.from_caches(describe().l2)
     assert t.tile_budget_bytes == base.tile_budget_bytes
-    # the built-in setting first, then the alternatives
-    assert seen == [[128, 64, 32], [32, 16, 64], [2, 0, 4], [32, 16, 64]]
-    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == \
-        (32, 32, 32, 4, 64)
+    # the built-in setting first, then the alternatives; 512-bit vectors are a candidate on AVX-512 cores only
+    widths = (256, 512) if describe().simd == "avx512" else (256,)
+    assert seen == [[(c, b) for b in widths for c in (128, 64, 32)], [32, 16, 64], [2, 0, 4], [32, 16, 64]]
+    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
+            t.vector_bits) == (32, 32, 32, 4, 64, widths[-1])
     assert t.source.startswith("calibrated")
 
     def fastest_is_first(candidates, run):
@@ -68,8 +69,9 @@ def test_calibration_takes_the_fastest_candidates():
         return candidates[0]
 
     t = tuning.calibrate(timer=fastest_is_first)
-    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns) == \
-        (base.max_columns, base.forward_min_columns, base.backward_min_columns, base.prefetch, base.blocked_columns)
+    assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
+            t.vector_bits) == (base.max_columns, base.forward_min_columns, base.backward_min_columns, base.prefetch,
+                               base.blocked_columns, 256)
 
 
 @pytest.mark.parametrize("costs, expected", [
@@ -148,3 +150,65 @@ def test_results_do_not_depend_on_the_tile_width(monkeypatch, cols):
     set_tuning(monkeypatch, max_columns=cols, forward_min_columns=cols)
     assert cpu.tile_width(130, 300, 4, 1) == cols
     assert torch.equal(kama.givens_apply(x, pairs, angles, backend="cpu"), ref)  # columns are independent
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", ["kac", "blocked"])
+@pytest.mark.parametrize("cols", [8, 16, 32, 128])
+def test_512_bit_loops_agree_with_the_portable_ones(monkeypatch, dtype, family, cols):
+    """Forward outputs and input gradients bitwise, angle gradients to rounding (their lanes sum in another order);
+    on a core without AVX-512 both settings run the portable loops."""
+    from conftest import set_tuning
+
+    d, n = 264, 75  # >= MIN_TUNED_DIM features; 75 rows: whole tiles and a ragged one
+    k = 12 * 40 + 7
+    g = torch.Generator().manual_seed(cols)
+    pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
+    plan = kama.GivensPlan(pairs, d)
+    angles = kama.random_angles(k, generator=g, dtype=dtype)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    gy = torch.randn(n, d, generator=g, dtype=dtype)
+    out = {}
+    for bits in (256, 512):
+        set_tuning(monkeypatch, vector_bits=bits, max_columns=cols, forward_min_columns=cols,
+                   backward_min_columns=cols, blocked_columns=cols)
+        assert tuning.current().wide(d) == (bits == 512) and not tuning.current().wide(d - 10)
+        for transpose in (False, True):
+            a = angles.clone().requires_grad_(True)
+            xi = x.clone().requires_grad_(True)
+            y = kama.givens_apply(xi, plan, a, backend="cpu", transpose=transpose)
+            gx, ga = torch.autograd.grad(y, (xi, a), gy)
+            out[bits, transpose] = (y.detach(), gx, ga)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for transpose in (False, True):
+        (y0, gx0, ga0), (y1, gx1, ga1) = out[256, transpose], out[512, transpose]
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+        torch.testing.assert_close(ga1, ga0, rtol=tol, atol=tol * n)
+        ref = kama.givens_apply(x, plan, angles, backend="reference", transpose=transpose)
+        torch.testing.assert_close(y1, ref, rtol=tol, atol=tol)
+
+
+def test_vector_bits_from_the_environment(tmp_path):
+    got, _ = _run(tmp_path, KAMA_TUNING="defaults", KAMA_VECTOR_BITS="512")
+    assert got["vector_bits"] == 512 and got["source"] == "environment"
+    got, err = _run(tmp_path, KAMA_TUNING="defaults", KAMA_VECTOR_BITS="384")
+    assert got["vector_bits"] == 256 and "vector_bits must be 256 or 512, got 384" in err
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["kac", "blocked"])
+def test_512_bit_loops_gradcheck_and_gradgradcheck(monkeypatch, family):
+    from conftest import set_tuning
+
+    set_tuning(monkeypatch, vector_bits=512, max_columns=16, forward_min_columns=16, backward_min_columns=16,
+               blocked_columns=16)
+    d, k = 256, 12 * 3 + 5
+    g = torch.Generator().manual_seed(7)
+    pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
+    angles = kama.random_angles(k, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(16, d, generator=g, dtype=torch.float64, requires_grad=True)
+    for transpose in (False, True):
+        f = lambda x, a, t=transpose: kama.givens_apply(x, pairs, a, backend="cpu", transpose=t)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, angles), fast_mode=True)
+        assert torch.autograd.gradgradcheck(f, (x, angles), fast_mode=True)

@@ -52,6 +52,7 @@ typedef struct {
     int64_t tile;         /* T */
     const struct kama_blocks *blocks; /* register-blocked plans: their groups (the pairs' first rotations: the tail) */
     int prefetch;         /* rotations ahead to prefetch (-1: the built-in rule) */
+    int wide;             /* 1: the 512-bit loops (kama_wide_ok), 0: the portable ones */
     int64_t t_begin, t_end; /* tile range of this worker */
     int thread_id;
     int status;
@@ -297,6 +298,11 @@ DEFINE_IO(double, f64)
         for (int o_ = 0; o_ < (int)((T) * sizeof(TYPE)); o_ += 64) __builtin_prefetch(p_ + o_, 1, 3);       \
     } while (0)
 
+typedef float nvec_f32 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double nvec_f64 __attribute__((vector_size(32), aligned(8), may_alias));
+#define NVEC_f32 8
+#define NVEC_f64 4
+
 #define DEFINE_KERNELS(TYPE, SUFFIX, T)                                                                     \
     KAMA_CLONES static void fwd_##SUFFIX##_##T(TYPE *restrict buf, const int32_t *restrict ij,              \
                                                const TYPE *restrict cs, int64_t k, int transpose, TYPE sgn, \
@@ -311,7 +317,15 @@ DEFINE_IO(double, f64)
             TYPE *restrict a = buf + (int64_t)ij[2 * r] * T;                                                \
             TYPE *restrict b = buf + (int64_t)ij[2 * r + 1] * T;                                            \
             const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
-            for (int t = 0; t < T; ++t) {                                                                   \
+            /* whole 32-byte vectors written out: GCC does not trust restrict on these block-scope pointers   \
+             * and would check for overlap at every rotation (3x slower at T = 16, 32) */                     \
+            int t = 0;                                                                                      \
+            for (; t + NVEC_##SUFFIX <= T; t += NVEC_##SUFFIX) {                                            \
+                const nvec_##SUFFIX va = *(const nvec_##SUFFIX *)(a + t), vb = *(const nvec_##SUFFIX *)(b + t); \
+                *(nvec_##SUFFIX *)(a + t) = c * va - s * vb;                                                \
+                *(nvec_##SUFFIX *)(b + t) = s * va + c * vb;                                                \
+            }                                                                                               \
+            for (; t < T; ++t) {                                                                            \
                 const TYPE va = a[t], vb = b[t];                                                            \
                 a[t] = c * va - s * vb;                                                                     \
                 b[t] = s * va + c * vb;                                                                     \
@@ -362,6 +376,154 @@ DEFINE_IO(double, f64)
 
 DEFINE_ALL_T(float, f32)
 DEFINE_ALL_T(double, f64)
+
+/* The backward with its vectors written out (tiles of at least 256 features: MIN_TUNED_DIM in kama.ops.tuning). */
+/* RL-size tiles keep bwd_*: their angle gradients sum in the vectorizer's order, the same bits as before.    */
+#define DEFINE_VEC_BWD(ATTR, PFX, VT, LANES, TYPE, SUFFIX, T)                                               \
+    ATTR static void PFX##bwd_##SUFFIX##_##T(TYPE *restrict vb_, TYPE *restrict gb_,                       \
+                                              const int32_t *restrict ij, const TYPE *restrict cs,          \
+                                              int64_t k, int transpose, TYPE sgn, double *restrict gacc,    \
+                                              int pf) {                                                     \
+        typedef VT##_##SUFFIX wv;                                                                           \
+        for (int64_t q = k - 1; q >= 0; --q) {                                                              \
+            const int64_t r = transpose ? q : k - 1 - q;                                                    \
+            if (pf && q - pf >= 0) {                                                                        \
+                const int64_t rp = transpose ? r - pf : r + pf;                                             \
+                PREFETCH_ROWS(vb_, ij[2 * rp], T, TYPE);                                                    \
+                PREFETCH_ROWS(vb_, ij[2 * rp + 1], T, TYPE);                                                \
+                PREFETCH_ROWS(gb_, ij[2 * rp], T, TYPE);                                                    \
+                PREFETCH_ROWS(gb_, ij[2 * rp + 1], T, TYPE);                                                \
+            }                                                                                               \
+            const int64_t i_ = ij[2 * r], j_ = ij[2 * r + 1];                                               \
+            TYPE *restrict va = vb_ + i_ * T;                                                               \
+            TYPE *restrict vb = vb_ + j_ * T;                                                               \
+            TYPE *restrict ga = gb_ + i_ * T;                                                               \
+            TYPE *restrict gb = gb_ + j_ * T;                                                               \
+            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            wv acc = {0};                                                                                   \
+            for (int t = 0; t < T; t += LANES##_##SUFFIX) {                                                  \
+                const wv a1 = *(const wv *)(va + t), b1 = *(const wv *)(vb + t);                            \
+                const wv a2 = *(const wv *)(ga + t), b2 = *(const wv *)(gb + t);                            \
+                acc += b2 * a1 - a2 * b1;                                                                   \
+                *(wv *)(va + t) = c * a1 + s * b1;                                                          \
+                *(wv *)(vb + t) = c * b1 - s * a1;                                                          \
+                *(wv *)(ga + t) = c * a2 + s * b2;                                                          \
+                *(wv *)(gb + t) = c * b2 - s * a2;                                                          \
+            }                                                                                               \
+            TYPE h = 0;                                                                                     \
+            for (int l = 0; l < LANES##_##SUFFIX; ++l) h += acc[l];                                          \
+            gacc[r] += (double)h;                                                                           \
+        }                                                                                                   \
+    }
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 8)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 16)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 32)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 64)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 128)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, double, f64, 8)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, double, f64, 16)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, double, f64, 32)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, double, f64, 64)
+DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, double, f64, 128)
+#define MIN_VEC_BWD_DIM 256
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* 512-bit loops (AVX-512 cores, tiles of at least 16 columns and 256 features; chosen by kama.ops.tuning). */
+/* The same arithmetic on 64-byte vectors written out (GCC's vectorizer keeps to 256 bits on x86-64-v4):   */
+/* cores with two 512-bit FMA pipes (Intel Xeon) do twice the rotation-vectors per cycle while a tile's    */
+/* rows are in L1 / L2, and the blocked groups, whose memory traffic is a third of the walk's, gain most.   */
+/* The forward's outputs are bitwise those of the portable loops (element-wise, same contraction); the     */
+/* backward's angle gradients sum their lanes in another order. RL-size tiles (< 256 features) never use   */
+/* them, so training results do not depend on the SIMD level.                                               */
+/* ---------------------------------------------------------------------------------------------------- */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KAMA_HAVE_WIDE 1
+#define KAMA_WIDE __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2")))
+static int have_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+    return cached;
+}
+typedef float wvec_f32 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef double wvec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
+#define WLANES_f32 16
+#define WLANES_f64 8
+
+#define DEFINE_WIDE_KERNELS(TYPE, SUFFIX, T)                                                                \
+    KAMA_WIDE static void wfwd_##SUFFIX##_##T(TYPE *restrict buf, const int32_t *restrict ij,               \
+                                              const TYPE *restrict cs, int64_t k, int transpose, TYPE sgn,  \
+                                              int pf) {                                                     \
+        for (int64_t q = 0; q < k; ++q) {                                                                   \
+            const int64_t r = transpose ? q : k - 1 - q;                                                    \
+            if (pf && q + pf < k) {                                                                         \
+                const int64_t rp = transpose ? r + pf : r - pf;                                             \
+                PREFETCH_ROWS(buf, ij[2 * rp], T, TYPE);                                                    \
+                PREFETCH_ROWS(buf, ij[2 * rp + 1], T, TYPE);                                                \
+            }                                                                                               \
+            TYPE *restrict a = buf + (int64_t)ij[2 * r] * T;                                                \
+            TYPE *restrict b = buf + (int64_t)ij[2 * r + 1] * T;                                            \
+            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            for (int t = 0; t < T; t += WLANES_##SUFFIX) {                                                  \
+                const wvec_##SUFFIX va = *(const wvec_##SUFFIX *)(a + t), vb = *(const wvec_##SUFFIX *)(b + t); \
+                *(wvec_##SUFFIX *)(a + t) = c * va - s * vb;                                                \
+                *(wvec_##SUFFIX *)(b + t) = s * va + c * vb;                                                \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+DEFINE_WIDE_KERNELS(float, f32, 16)
+DEFINE_WIDE_KERNELS(float, f32, 32)
+DEFINE_WIDE_KERNELS(float, f32, 64)
+DEFINE_WIDE_KERNELS(float, f32, 128)
+DEFINE_WIDE_KERNELS(double, f64, 16)
+DEFINE_WIDE_KERNELS(double, f64, 32)
+DEFINE_WIDE_KERNELS(double, f64, 64)
+DEFINE_WIDE_KERNELS(double, f64, 128)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, float, f32, 16)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, float, f32, 32)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, float, f32, 64)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, float, f32, 128)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, double, f64, 16)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, double, f64, 32)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, double, f64, 64)
+DEFINE_VEC_BWD(KAMA_WIDE, w, wvec, WLANES, double, f64, 128)
+/* the wide loops where the caller asked for them and the core has them; else the portable ones */
+#define DISPATCH_WIDE(WIDE, PREFIX, SUFFIX, T, ...)                                                         \
+    if ((WIDE) && (T) >= 16 && have_avx512()) {                                                             \
+        switch (T) {                                                                                        \
+            case 16: w##PREFIX##_##SUFFIX##_16(__VA_ARGS__); break;                                         \
+            case 32: w##PREFIX##_##SUFFIX##_32(__VA_ARGS__); break;                                         \
+            case 64: w##PREFIX##_##SUFFIX##_64(__VA_ARGS__); break;                                         \
+            default: w##PREFIX##_##SUFFIX##_128(__VA_ARGS__); break;                                        \
+        }                                                                                                   \
+    } else DISPATCH_T(PREFIX, SUFFIX, T, __VA_ARGS__)
+#define DISPATCH_WIDE_BWD(SUFFIX, T, ...)                                                                   \
+    switch (T) {                                                                                            \
+        case 16: wbwd_##SUFFIX##_16(__VA_ARGS__); break;                                                    \
+        case 32: wbwd_##SUFFIX##_32(__VA_ARGS__); break;                                                    \
+        case 64: wbwd_##SUFFIX##_64(__VA_ARGS__); break;                                                    \
+        default: wbwd_##SUFFIX##_128(__VA_ARGS__); break;                                                   \
+    }
+#else
+#define KAMA_HAVE_WIDE 0
+static int have_avx512(void) { return 0; }
+#define DISPATCH_WIDE(WIDE, PREFIX, SUFFIX, T, ...) DISPATCH_T(PREFIX, SUFFIX, T, __VA_ARGS__)
+#define DISPATCH_WIDE_BWD(SUFFIX, T, ...)
+#endif
+/* the backward: 512-bit or written-out 256-bit loops for tiles of MIN_VEC_BWD_DIM features or more, else bwd_* */
+#define DISPATCH_BWD(WIDE, D, SUFFIX, T, ...)                                                               \
+    if ((D) >= MIN_VEC_BWD_DIM && (T) >= 8) {                                                               \
+        if ((WIDE) && (T) >= 16 && have_avx512()) {                                                         \
+            DISPATCH_WIDE_BWD(SUFFIX, T, __VA_ARGS__)                                                       \
+        } else {                                                                                            \
+            switch (T) {                                                                                    \
+                case 8: nbwd_##SUFFIX##_8(__VA_ARGS__); break;                                              \
+                case 16: nbwd_##SUFFIX##_16(__VA_ARGS__); break;                                            \
+                case 32: nbwd_##SUFFIX##_32(__VA_ARGS__); break;                                            \
+                case 64: nbwd_##SUFFIX##_64(__VA_ARGS__); break;                                            \
+                default: nbwd_##SUFFIX##_128(__VA_ARGS__); break;                                           \
+            }                                                                                               \
+        }                                                                                                   \
+    } else DISPATCH_T(bwd, SUFFIX, T, __VA_ARGS__)
 
 #define VALID_TILE(T) ((T) == 1 || (T) == 2 || (T) == 4 || (T) == 8 || (T) == 16 || (T) == 32 || (T) == 64 || (T) == 128)
 
@@ -498,8 +660,8 @@ DEFINE_ROWS(double, f64)
         for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
             load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
-            DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, j->transpose,                 \
-                       (TYPE)j->sgn, prefetch_distance(bytes))                                              \
+            DISPATCH_WIDE(j->wide, fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, j->k, j->transpose,     \
+                          (TYPE)j->sgn, prefetch_distance(bytes))                                           \
             store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T, (const TYPE *)j->scale);                      \
         }                                                                                                   \
         buf_put(buf, bytes);                                                                                \
@@ -517,8 +679,8 @@ DEFINE_ROWS(double, f64)
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
             load_##SUFFIX(vb, (const TYPE *)j->y, n0, rows, d, T);                                          \
             load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
-            DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, j->k, j->transpose,              \
-                       (TYPE)j->sgn, acc, prefetch_distance(2 * bytes))                                     \
+            DISPATCH_BWD(j->wide, d, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, j->k, j->transpose,     \
+                         (TYPE)j->sgn, acc, prefetch_distance(2 * bytes))                                   \
             store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
         }                                                                                                   \
         buf_put(vb, bytes);                                                                                 \
@@ -548,10 +710,10 @@ typedef struct kama_blocks {
     int64_t groups, k, d;
 } kama_blocks_t;
 
-#define BLK_ROT(X, Y, C, S) do { const vec_t x_ = (X); (X) = (C) * x_ - (S) * (Y); (Y) = (S) * x_ + (C) * (Y); } while (0)
+#define BLK_ROT(X, Y, C, S) do { const __typeof__(X) x_ = (X); (X) = (C) * x_ - (S) * (Y); (Y) = (S) * x_ + (C) * (Y); } while (0)
 #define BLK_UNROT(X, Y, GX, GY, C, S, ACC)                                                                  \
     do {                                                                                                    \
-        const vec_t a1_ = (X), b1_ = (Y), a2_ = (GX), b2_ = (GY);                                           \
+        const __typeof__(X) a1_ = (X), b1_ = (Y), a2_ = (GX), b2_ = (GY);                                   \
         (ACC) += b2_ * a1_ - a2_ * b1_;                                                                     \
         (X) = (C) * a1_ + (S) * b1_;                                                                        \
         (Y) = (C) * b1_ - (S) * a1_;                                                                        \
@@ -655,7 +817,8 @@ typedef struct kama_blocks {
             load_##SUFFIX(buf, (const TYPE *)j->x, n0, rows, d, T);                                         \
             if (j->transpose)                                                                               \
                 DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, m, 1, (TYPE)j->sgn, 0)          \
-            blk_fwd_##SUFFIX(buf, T, j->blocks, (const TYPE *)j->cs, j->transpose);                         \
+            (BLK_WIDE(j) ? wblk_fwd_##SUFFIX : blk_fwd_##SUFFIX)(buf, T, j->blocks, (const TYPE *)j->cs,     \
+                                                                 j->transpose);                             \
             if (!j->transpose)                                                                              \
                 DISPATCH_T(fwd, SUFFIX, T, buf, j->ij, (const TYPE *)j->cs, m, 0, (TYPE)j->sgn, 0)          \
             store_##SUFFIX((TYPE *)j->y, buf, n0, rows, d, T, (const TYPE *)j->scale);                      \
@@ -677,7 +840,8 @@ typedef struct kama_blocks {
             load_##SUFFIX(gb, (const TYPE *)j->gy, n0, rows, d, T);                                         \
             if (!j->transpose)                                                                              \
                 DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, m, 0, (TYPE)j->sgn, acc, 0)  \
-            blk_bwd_##SUFFIX(vb, gb, T, j->blocks, (const TYPE *)j->cs, j->transpose, acc);                 \
+            (BLK_WIDE(j) ? wblk_bwd_##SUFFIX : blk_bwd_##SUFFIX)(vb, gb, T, j->blocks, (const TYPE *)j->cs,  \
+                                                                 j->transpose, acc);                        \
             if (j->transpose)                                                                               \
                 DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, m, 1, (TYPE)j->sgn, acc, 0)  \
             store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
@@ -687,6 +851,103 @@ typedef struct kama_blocks {
         return NULL;                                                                                        \
     }
 
+/* the groups with 512-bit vectors (a 256-bit chunk for a tile of 8 mod 16 float32 columns): as blk_fwd / blk_bwd */
+#if KAMA_HAVE_WIDE
+#define DEFINE_WIDE_BLOCKED(TYPE, SUFFIX, HW)                                                               \
+    typedef TYPE hvec_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(TYPE)), may_alias));          \
+    KAMA_WIDE static void wblk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,          \
+                                            const TYPE *restrict cs, int transpose) {                       \
+        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
+            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            TYPE *p[BLOCK];                                                                                 \
+            for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
+            for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                             \
+                wvec_##SUFFIX v[BLOCK];                                                                     \
+                for (int u = 0; u < BLOCK; ++u) v[u] = *(const wvec_##SUFFIX *)(p[u] + t);                  \
+                if (!transpose) { BLK_FWD_ALL }                                                             \
+                else { BLK_FWD_REV }                                                                        \
+                for (int u = 0; u < BLOCK; ++u) *(wvec_##SUFFIX *)(p[u] + t) = v[u];                        \
+            }                                                                                               \
+            for (int64_t t = TW; t < T; t += HW) {                                                          \
+                hvec_##SUFFIX v[BLOCK];                                                                     \
+                for (int u = 0; u < BLOCK; ++u) v[u] = *(const hvec_##SUFFIX *)(p[u] + t);                  \
+                if (!transpose) { BLK_FWD_ALL }                                                             \
+                else { BLK_FWD_REV }                                                                        \
+                for (int u = 0; u < BLOCK; ++u) *(hvec_##SUFFIX *)(p[u] + t) = v[u];                        \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    KAMA_WIDE static void wblk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,                \
+                                            const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
+                                            double *restrict gacc) {                                        \
+        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
+            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
+            for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
+            TYPE h[GROUP_ROTS];                                                                             \
+            {                                                                                               \
+                wvec_##SUFFIX acc[GROUP_ROTS];                                                              \
+                memset(acc, 0, sizeof acc);                                                                 \
+                for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                         \
+                    wvec_##SUFFIX v[BLOCK], w[BLOCK];                                                       \
+                    for (int u = 0; u < BLOCK; ++u) {                                                       \
+                        v[u] = *(const wvec_##SUFFIX *)(pv[u] + t);                                         \
+                        w[u] = *(const wvec_##SUFFIX *)(pg[u] + t);                                         \
+                    }                                                                                       \
+                    if (!transpose) { BLK_BWD_REV }                                                         \
+                    else { BLK_BWD_ALL }                                                                    \
+                    for (int u = 0; u < BLOCK; ++u) {                                                       \
+                        *(wvec_##SUFFIX *)(pv[u] + t) = v[u];                                               \
+                        *(wvec_##SUFFIX *)(pg[u] + t) = w[u];                                               \
+                    }                                                                                       \
+                }                                                                                           \
+                for (int q = 0; q < GROUP_ROTS; ++q) {                                                      \
+                    h[q] = 0;                                                                               \
+                    for (int l = 0; l < WLANES_##SUFFIX; ++l) h[q] += acc[q][l];                            \
+                }                                                                                           \
+            }                                                                                               \
+            if (TW < T) {                                                                                   \
+                hvec_##SUFFIX acc[GROUP_ROTS];                                                              \
+                memset(acc, 0, sizeof acc);                                                                 \
+                for (int64_t t = TW; t < T; t += HW) {                                                      \
+                    hvec_##SUFFIX v[BLOCK], w[BLOCK];                                                       \
+                    for (int u = 0; u < BLOCK; ++u) {                                                       \
+                        v[u] = *(const hvec_##SUFFIX *)(pv[u] + t);                                         \
+                        w[u] = *(const hvec_##SUFFIX *)(pg[u] + t);                                         \
+                    }                                                                                       \
+                    if (!transpose) { BLK_BWD_REV }                                                         \
+                    else { BLK_BWD_ALL }                                                                    \
+                    for (int u = 0; u < BLOCK; ++u) {                                                       \
+                        *(hvec_##SUFFIX *)(pv[u] + t) = v[u];                                               \
+                        *(hvec_##SUFFIX *)(pg[u] + t) = w[u];                                               \
+                    }                                                                                       \
+                }                                                                                           \
+                for (int q = 0; q < GROUP_ROTS; ++q)                                                        \
+                    for (int l = 0; l < HW; ++l) h[q] += acc[q][l];                                         \
+            }                                                                                               \
+            for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
+        }                                                                                                   \
+    }
+DEFINE_WIDE_BLOCKED(float, f32, 8)
+DEFINE_WIDE_BLOCKED(double, f64, 4)
+#define BLK_WIDE(J) ((J)->wide && have_avx512())
+#else
+#define BLK_WIDE(J) 0
+#define wblk_fwd_f32 blk_fwd_f32
+#define wblk_fwd_f64 blk_fwd_f64
+#define wblk_bwd_f32 blk_bwd_f32
+#define wblk_bwd_f64 blk_bwd_f64
+#endif
 DEFINE_BLOCKED(float, f32, 8)
 DEFINE_BLOCKED(double, f64, 4)
 
@@ -864,8 +1125,9 @@ KAMA_CLONES static int check_pairs(const int32_t *restrict ij, int64_t k, int64_
 /* its address is read from the object here: Python passes no raw address, and a wrong size is a Python    */
 /* error, never an out-of-bounds access.                                                                    */
 /*   make_pairs(pairs, d)                      pairs (k, 2) int32 -> a capsule of validated pairs            */
-/*   forward(x, y, pairs, cs, n, d, tile, nthreads, transpose[, scale])                                      */
-/*   backward(y, gy, gx, gacc, pairs, cs, n, d, tile, nthreads, transpose)                                    */
+/*   forward(x, y, pairs, cs, n, d, tile, nthreads, transpose[, scale, prefetch, wide])                     */
+/*   backward(y, gy, gx, gacc, pairs, cs, n, d, tile, nthreads, transpose[, prefetch, wide])                 */
+/*   forward_blocked / backward_blocked: the same with the blocks capsule after pairs, [scale,] wide        */
 /*   linear_forward(x, out, ysave, pairs, angles, scale, bias, n, in_f, out_f, tile, nthreads)              */
 /*   linear_backward(g, ysave, x, gx, ga, gs, gbias, pairs, angles, scale, n, in_f, out_f, tile, nthreads)   */
 /*   cos_sin(angles, cs); same_bytes(a, b); use_openmp(library_path)                                        */
@@ -1066,9 +1328,9 @@ static const kama_pairs_t *check_args(long long n, long long d, long long tile, 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     PyObject *tx, *ty, *pairs, *tcs, *tscale = Py_None;
     long long n, d, tile;
-    int nthreads, transpose, prefetch = -1;
-    if (!PyArg_ParseTuple(args, "OOOOLLLip|Oi", &tx, &ty, &pairs, &tcs, &n, &d, &tile, &nthreads, &transpose,
-                          &tscale, &prefetch))
+    int nthreads, transpose, prefetch = -1, wide = 0;
+    if (!PyArg_ParseTuple(args, "OOOOLLLip|Oip", &tx, &ty, &pairs, &tcs, &n, &d, &tile, &nthreads, &transpose,
+                          &tscale, &prefetch, &wide))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     PyObject *dt = p ? float_dtype(tx, "x") : NULL;
@@ -1092,7 +1354,8 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
         Py_RETURN_NONE;
     }
     job_t proto = {.x = x, .y = y, .ij = ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = k,
-                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .prefetch = prefetch};
+                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .prefetch = prefetch,
+                   .wide = wide};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? fwd_worker_f64 : fwd_worker_f32, &proto, nthreads);
@@ -1104,9 +1367,9 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     PyObject *ty, *tgy, *tgx, *tgacc, *pairs, *tcs;
     long long n, d, tile;
-    int nthreads, transpose, prefetch = -1;
-    if (!PyArg_ParseTuple(args, "OOOOOOLLLip|i", &ty, &tgy, &tgx, &tgacc, &pairs, &tcs, &n, &d, &tile, &nthreads,
-                          &transpose, &prefetch))
+    int nthreads, transpose, prefetch = -1, wide = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOLLLip|ip", &ty, &tgy, &tgx, &tgacc, &pairs, &tcs, &n, &d, &tile, &nthreads,
+                          &transpose, &prefetch, &wide))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     PyObject *dt = p ? float_dtype(ty, "y") : NULL;
@@ -1120,7 +1383,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     /* the worker reads the saved output through j->y */
     job_t proto = {.y = y, .gy = gy, .gx = gx, .gacc = (double *)gacc, .ij = p->ij, .cs = cs, .n = n, .d = d,
                    .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile,
-                   .prefetch = prefetch};
+                   .prefetch = prefetch, .wide = wide};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(dt == dtype_f64 ? bwd_worker_f64 : bwd_worker_f32, &proto, nthreads);
@@ -1210,14 +1473,14 @@ static const kama_blocks_t *get_blocks(PyObject *capsule, const kama_pairs_t *p)
     return b;
 }
 
-/* forward_blocked(x, y, pairs, blocks, cs, n, d, tile, nthreads, transpose[, scale]): as forward, for a plan with
+/* forward_blocked(x, y, pairs, blocks, cs, n, d, tile, nthreads, transpose[, scale, wide]): as forward, for a plan with
  * register-blocked groups; tile a multiple of the vector width (8 float32, 4 float64). */
 static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
     PyObject *tx, *ty, *pairs, *blocks, *tcs, *tscale = Py_None;
     long long n, d, tile;
-    int nthreads, transpose;
-    if (!PyArg_ParseTuple(args, "OOOOOLLLip|O", &tx, &ty, &pairs, &blocks, &tcs, &n, &d, &tile, &nthreads,
-                          &transpose, &tscale))
+    int nthreads, transpose, wide = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOLLLip|Op", &tx, &ty, &pairs, &blocks, &tcs, &n, &d, &tile, &nthreads,
+                          &transpose, &tscale, &wide))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     const kama_blocks_t *b = p ? get_blocks(blocks, p) : NULL;
@@ -1234,7 +1497,7 @@ static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
         return NULL;
     if (n == 0) Py_RETURN_NONE;
     job_t proto = {.x = x, .y = y, .ij = p->ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = p->k,
-                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b};
+                   .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b, .wide = wide};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? blk_fwd_worker_f64 : blk_fwd_worker_f32, &proto, nthreads);
@@ -1243,13 +1506,13 @@ static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* backward_blocked(y, gy, gx, gacc, pairs, blocks, cs, n, d, tile, nthreads, transpose): as backward. */
+/* backward_blocked(y, gy, gx, gacc, pairs, blocks, cs, n, d, tile, nthreads, transpose[, wide]): as backward. */
 static PyObject *py_backward_blocked(PyObject *self, PyObject *args) {
     PyObject *ty, *tgy, *tgx, *tgacc, *pairs, *blocks, *tcs;
     long long n, d, tile;
-    int nthreads, transpose;
-    if (!PyArg_ParseTuple(args, "OOOOOOOLLLip", &ty, &tgy, &tgx, &tgacc, &pairs, &blocks, &tcs, &n, &d, &tile,
-                          &nthreads, &transpose))
+    int nthreads, transpose, wide = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOLLLip|p", &ty, &tgy, &tgx, &tgacc, &pairs, &blocks, &tcs, &n, &d, &tile,
+                          &nthreads, &transpose, &wide))
         return NULL;
     const kama_pairs_t *p = check_args(n, d, tile, nthreads, pairs);
     const kama_blocks_t *b = p ? get_blocks(blocks, p) : NULL;
@@ -1267,7 +1530,8 @@ static PyObject *py_backward_blocked(PyObject *self, PyObject *args) {
         return NULL;
     if (n == 0) Py_RETURN_NONE;
     job_t proto = {.y = y, .gy = gy, .gx = gx, .gacc = (double *)gacc, .ij = p->ij, .cs = cs, .n = n, .d = d,
-                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b};
+                   .k = p->k, .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b,
+                   .wide = wide};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_jobs(is_double ? blk_bwd_worker_f64 : blk_bwd_worker_f32, &proto, nthreads);
@@ -1484,7 +1748,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
 /* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
-#define KERNEL_VERSION 2
+#define KERNEL_VERSION 3
 
 PyMODINIT_FUNC PyInit__cgivens(void) {
     PyObject *m = PyModule_Create(&module);

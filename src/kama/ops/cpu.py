@@ -169,11 +169,11 @@ def forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: 
     if blocks is not None:
         tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, xc.element_size(), 1)))
         _module().forward_blocked(xc, y, kernel_pairs(plan), blocks, cs, n, d, tile, kernel_threads(n, k), transpose,
-                                  scale)
+                                  scale, tuning.current().wide(d))
     else:
         tile = tile_width(n, d, xc.element_size(), 1)
         _module().forward(xc, y, kernel_pairs(plan), cs, n, d, tile, kernel_threads(n, k), transpose, scale,
-                          tuning.current().prefetch_for(d * tile * xc.element_size()))
+                          tuning.current().prefetch_for(d * tile * xc.element_size()), tuning.current().wide(d))
     return y if cdtype == x.dtype else y.to(x.dtype)
 
 
@@ -192,11 +192,12 @@ def backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: Give
     blocks = kernel_blocks(plan) if n >= _vector_width(cdtype) else None
     if blocks is not None:
         tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, yc.element_size(), 2)))
-        _module().backward_blocked(yc, gc, gx, gacc, kernel_pairs(plan), blocks, cs, n, d, tile, threads, transpose)
+        _module().backward_blocked(yc, gc, gx, gacc, kernel_pairs(plan), blocks, cs, n, d, tile, threads, transpose,
+                                   tuning.current().wide(d))
     else:
         tile = tile_width(n, d, yc.element_size(), 2)
         _module().backward(yc, gc, gx, gacc, kernel_pairs(plan), cs, n, d, tile, threads, transpose,
-                           tuning.current().prefetch_for(2 * d * tile * yc.element_size()))
+                           tuning.current().prefetch_for(2 * d * tile * yc.element_size()), tuning.current().wide(d))
     g_applied = gacc.sum(0) if threads > 1 else gacc[0]
     g_angles = as_dtype(-g_applied if transpose else g_applied, angles.dtype)
     return (gx if gx.dtype == y.dtype else gx.to(y.dtype)), g_angles

@@ -16,8 +16,8 @@ Environment:
 * ``KAMA_TUNING``: ``auto`` (default: the cached settings, else calibrate and cache), ``defaults`` (the built-in
   settings, no measurement, no file), ``calibrate`` (measure again and overwrite the cache).
 * ``KAMA_CACHE_DIR``: the directory of ``tuning.json`` (default ``$XDG_CACHE_HOME/kama-nn`` or ``~/.cache/kama-nn``).
-* ``KAMA_TILE_BYTES``, ``KAMA_TILE_COLUMNS``, ``KAMA_PREFETCH``, ``KAMA_BLOCKED_COLUMNS``: fix one setting (they win
-  over the measured ones).
+* ``KAMA_TILE_BYTES``, ``KAMA_TILE_COLUMNS``, ``KAMA_PREFETCH``, ``KAMA_BLOCKED_COLUMNS``, ``KAMA_VECTOR_BITS``
+  (256 or 512): fix one setting (they win over the measured ones).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Tuning:
         prefetch: rotations ahead whose rows the walk prefetches for tiles larger than ``prefetch_min_bytes``.
         prefetch_min_bytes: from this tile size on, ``prefetch`` applies (0 below).
         blocked_columns: batch columns of the register-blocked walk's tiles.
+        vector_bits: 512 runs the walks of tiles with at least :data:`MIN_TUNED_DIM` features with 512-bit vectors
+            (AVX-512 cores only; twice the arithmetic per instruction), 256 with the portable loops.
         source: ``"defaults"``, ``"calibrated"`` (with the date) or ``"environment"``.
     """
 
@@ -68,6 +70,7 @@ class Tuning:
     prefetch: int = 2
     prefetch_min_bytes: int = 768 * 1024
     blocked_columns: int = 32
+    vector_bits: int = 256
     source: str = "defaults"
 
     def tile_width(self, n_rows: int, d: int, itemsize: int, buffers: int) -> int:
@@ -86,6 +89,11 @@ class Tuning:
         while t > floor and buffers * d * t * itemsize > budget:
             t //= 2
         return t
+
+    def wide(self, d: int) -> bool:
+        """Whether tiles of ``d`` features run the 512-bit loops (never under :data:`MIN_TUNED_DIM` features, so that
+        RL-size layers compute the same bits on every x86-64 core)."""
+        return self.vector_bits == 512 and d >= MIN_TUNED_DIM
 
     def prefetch_for(self, tile_bytes: int) -> int:
         """Rotations ahead to prefetch for a tile of ``tile_bytes`` (all its buffers)."""
@@ -152,7 +160,7 @@ def _write_cache(key: str, tuning: Tuning) -> None:
         warnings.warn(f"kama: could not store the CPU kernel's tuning in {path} ({e})", RuntimeWarning, stacklevel=3)
 
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 """Part of the cache key: a new calibration procedure measures again."""
 
 MARGIN = 0.03
@@ -180,9 +188,9 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
     """Measure the settings on this machine (one thread; under a second). ``timer(candidates, run)`` picks a
     candidate, the built-in setting first (default: :func:`_best`); tests pass their own.
 
-    The tile width is timed on forward passes at d = 1024 (k = 2 d ln d) and d = 4096 (k = 5 d ln d) together,
-    the backward width at d = 1024, the prefetch distance at d = 4096 and the blocked walk's width at d = 1024,
-    all with 256 rows."""
+    The tile width and the vector width (512 bits only on AVX-512 cores) are timed together on forward passes at
+    d = 1024 (k = 2 d ln d) and d = 4096 (k = 5 d ln d), the backward width at d = 1024, the prefetch distance at
+    d = 4096 and the blocked walk's width at d = 1024 and 4096 (as the forward), all with 256 rows."""
     from . import cpu
     from .blocked import blocked_pairs
     from .plans import GivensPlan
@@ -209,31 +217,38 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
         x, y, pairs, cs, _ = problem(d, k, 256)
         x4, y4, pairs4, cs4, _ = problem(d4, k4, 256)
 
-        def fwd(cols: int) -> None:
+        def fwd(setting: tuple[int, int]) -> None:
+            cols, wide = setting[0], setting[1] == 512
             for _ in range(3):  # about a third of the time at d = 1024
-                C.forward(x, y, pairs, cs, 256, d, cols, 1, False, None, t.prefetch_for(d * cols * 4))
-            C.forward(x4, y4, pairs4, cs4, 256, d4, cols, 1, False, None, t.prefetch_for(d4 * cols * 4))
+                C.forward(x, y, pairs, cs, 256, d, cols, 1, False, None, t.prefetch_for(d * cols * 4), wide)
+            C.forward(x4, y4, pairs4, cs4, 256, d4, cols, 1, False, None, t.prefetch_for(d4 * cols * 4), wide)
 
-        cols = pick([t.max_columns, 64, 32], fwd)
-        t = replace(t, max_columns=cols, forward_min_columns=min(t.forward_min_columns, cols))
+        widths = (256, 512) if describe().simd == "avx512" else (256,)
+        cols, bits = pick([(c, b) for b in widths for c in (t.max_columns, 64, 32)], fwd)
+        t = replace(t, max_columns=cols, forward_min_columns=min(t.forward_min_columns, cols), vector_bits=bits)
         gacc = torch.zeros(1, k, dtype=torch.float64)
         gx = torch.empty_like(x)
+        wide = bits == 512
 
         def bwd(cols: int) -> None:
-            C.backward(y, x, gx, gacc, pairs, cs, 256, d, cols, 1, False, t.prefetch_for(2 * d * cols * 4))
+            C.backward(y, x, gx, gacc, pairs, cs, 256, d, cols, 1, False, t.prefetch_for(2 * d * cols * 4), wide)
 
         bcols = pick([t.backward_min_columns, 16, 64], bwd)
         t = replace(t, backward_min_columns=min(bcols, t.max_columns))
 
         def pf(distance: int) -> None:
-            C.forward(x4, y4, pairs4, cs4, 256, d4, t.max_columns, 1, False, None, distance)
+            C.forward(x4, y4, pairs4, cs4, 256, d4, t.max_columns, 1, False, None, distance, wide)
 
         t = replace(t, prefetch=pick([t.prefetch, 0, 4], pf))
         blk = GivensPlan(blocked_pairs(d, k, generator=g), d)
         bl, bp = cpu.kernel_blocks(blk), cpu.kernel_pairs(blk)
+        blk4 = GivensPlan(blocked_pairs(d4, k4, generator=g), d4)
+        bl4, bp4 = cpu.kernel_blocks(blk4), cpu.kernel_pairs(blk4)
 
         def blocked(cols: int) -> None:
-            C.forward_blocked(x, y, bp, bl, cs, 256, d, cols, 1, False)
+            for _ in range(3):
+                C.forward_blocked(x, y, bp, bl, cs, 256, d, cols, 1, False, None, wide)
+            C.forward_blocked(x4, y4, bp4, bl4, cs4, 256, d4, cols, 1, False, None, wide)
 
         t = replace(t, blocked_columns=pick([t.blocked_columns, 16, 64], blocked))
         return replace(t, source=f"calibrated {time.strftime('%Y-%m-%d')}")
@@ -245,7 +260,12 @@ def _with_environment(t: Tuning) -> Tuning:
     env = {"tile_budget_bytes": env_int("KAMA_TILE_BYTES", t.tile_budget_bytes, minimum=1024),
            "max_columns": env_int("KAMA_TILE_COLUMNS", t.max_columns, minimum=1),
            "prefetch": env_int("KAMA_PREFETCH", t.prefetch, minimum=0),
-           "blocked_columns": env_int("KAMA_BLOCKED_COLUMNS", t.blocked_columns, minimum=8)}
+           "blocked_columns": env_int("KAMA_BLOCKED_COLUMNS", t.blocked_columns, minimum=8),
+           "vector_bits": env_int("KAMA_VECTOR_BITS", t.vector_bits, minimum=1)}
+    if env["vector_bits"] not in (256, 512):
+        warnings.warn(f"kama: vector_bits must be 256 or 512, got {env['vector_bits']}; using {t.vector_bits}",
+                      RuntimeWarning, stacklevel=3)
+        env["vector_bits"] = t.vector_bits
     for name in ("max_columns", "blocked_columns"):
         v = env[name]
         if v & (v - 1) or v > 128:
