@@ -35,6 +35,14 @@ def test_built_in_rule():
     assert t.prefetch_for(t.prefetch_min_bytes + 1) == 2 and t.prefetch_for(1024) == 0
 
 
+def test_blocked_tile_rule():
+    t = tuning.Tuning(blocked_columns=128, tile_budget_bytes=4 * 1024 * 1024)
+    assert t.blocked_tile(300, 1024, 4, 1, 8) == 128 and t.blocked_tile(300, 4096, 4, 1, 8) == 64  # half of 2 MiB
+    assert t.blocked_tile(20, 1024, 4, 1, 8) == 32 and t.blocked_tile(3, 1024, 4, 1, 8) == 8  # what the batch needs
+    assert t.blocked_tile(300, 1 << 20, 4, 2, 8) == 16  # never below 16 columns (or one vector)
+    assert tuning.Tuning(blocked_columns=16).blocked_tile(300, 1024, 4, 1, 8) == 16
+
+
 def test_settings_from_cache_sizes():
     mib = 1024 * 1024
     assert tuning.from_caches(None) == tuning.DEFAULTS and tuning.from_caches(64 * 1024) == tuning.DEFAULTS
@@ -59,9 +67,10 @@ def test_calibration_takes_the_fastest_candidates():
     assert t.tile_budget_bytes == base.tile_budget_bytes
     # the built-in setting first, then the alternatives; 512-bit vectors are a candidate on AVX-512 cores only
     widths = (256, 512) if describe().simd == "avx512" else (256,)
-    assert seen == [[(c, b) for b in widths for c in (128, 64, 32)], [32, 16, 64], [2, 0, 4], [32, 16, 64]]
+    blocked = [(c, 256) for c in (32, 16, 64, 128)] + [(c, 512) for c in (128, 64, 32) if 512 in widths]
+    assert seen == [[(c, b) for b in widths for c in (128, 64, 32)], [32, 16, 64], [2, 0, 4], blocked]
     assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
-            t.vector_bits) == (32, 32, 32, 4, 64, widths[-1])
+            t.vector_bits, t.blocked_vector_bits) == (32, 32, 32, 4, *blocked[-1][:1], widths[-1], widths[-1])
     assert t.source.startswith("calibrated")
 
     def fastest_is_first(candidates, run):
@@ -70,8 +79,9 @@ def test_calibration_takes_the_fastest_candidates():
 
     t = tuning.calibrate(timer=fastest_is_first)
     assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
-            t.vector_bits) == (base.max_columns, base.forward_min_columns, base.backward_min_columns, base.prefetch,
-                               base.blocked_columns, 256)
+            t.vector_bits, t.blocked_vector_bits) == (base.max_columns, base.forward_min_columns,
+                                                      base.backward_min_columns, base.prefetch, base.blocked_columns,
+                                                      256, 256)
 
 
 @pytest.mark.parametrize("costs, expected", [
@@ -171,9 +181,10 @@ def test_512_bit_loops_agree_with_the_portable_ones(monkeypatch, dtype, family, 
     gy = torch.randn(n, d, generator=g, dtype=dtype)
     out = {}
     for bits in (256, 512):
-        set_tuning(monkeypatch, vector_bits=bits, max_columns=cols, forward_min_columns=cols,
+        set_tuning(monkeypatch, vector_bits=bits, blocked_vector_bits=bits, max_columns=cols, forward_min_columns=cols,
                    backward_min_columns=cols, blocked_columns=cols)
         assert tuning.current().wide(d) == (bits == 512) and not tuning.current().wide(d - 10)
+        assert tuning.current().wide_blocked(d) == (bits == 512) and not tuning.current().wide_blocked(d - 10)
         for transpose in (False, True):
             a = angles.clone().requires_grad_(True)
             xi = x.clone().requires_grad_(True)
@@ -191,7 +202,7 @@ def test_512_bit_loops_agree_with_the_portable_ones(monkeypatch, dtype, family, 
 
 def test_vector_bits_from_the_environment(tmp_path):
     got, _ = _run(tmp_path, KAMA_TUNING="defaults", KAMA_VECTOR_BITS="512")
-    assert got["vector_bits"] == 512 and got["source"] == "environment"
+    assert got["vector_bits"] == got["blocked_vector_bits"] == 512 and got["source"] == "environment"
     got, err = _run(tmp_path, KAMA_TUNING="defaults", KAMA_VECTOR_BITS="384")
     assert got["vector_bits"] == 256 and "vector_bits must be 256 or 512, got 384" in err
 
@@ -201,8 +212,8 @@ def test_vector_bits_from_the_environment(tmp_path):
 def test_512_bit_loops_gradcheck_and_gradgradcheck(monkeypatch, family):
     from conftest import set_tuning
 
-    set_tuning(monkeypatch, vector_bits=512, max_columns=16, forward_min_columns=16, backward_min_columns=16,
-               blocked_columns=16)
+    set_tuning(monkeypatch, vector_bits=512, blocked_vector_bits=512, max_columns=16, forward_min_columns=16,
+               backward_min_columns=16, blocked_columns=16)
     d, k = 256, 12 * 3 + 5
     g = torch.Generator().manual_seed(7)
     pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)

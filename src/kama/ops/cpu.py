@@ -167,9 +167,9 @@ def forward(x: torch.Tensor, angles: torch.Tensor, plan: GivensPlan, transpose: 
     k = plan.num_rotations
     blocks = kernel_blocks(plan) if n >= _vector_width(cdtype) else None
     if blocks is not None:
-        tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, xc.element_size(), 1)))
+        tile = tuning.current().blocked_tile(n, d, xc.element_size(), 1, _vector_width(cdtype))
         _module().forward_blocked(xc, y, kernel_pairs(plan), blocks, cs, n, d, tile, kernel_threads(n, k), transpose,
-                                  scale, tuning.current().wide(d))
+                                  scale, tuning.current().wide_blocked(d))
     else:
         tile = tile_width(n, d, xc.element_size(), 1)
         _module().forward(xc, y, kernel_pairs(plan), cs, n, d, tile, kernel_threads(n, k), transpose, scale,
@@ -191,9 +191,9 @@ def backward(y: torch.Tensor, gy: torch.Tensor, angles: torch.Tensor, plan: Give
     gacc = torch.zeros(threads, k, dtype=torch.float64)
     blocks = kernel_blocks(plan) if n >= _vector_width(cdtype) else None
     if blocks is not None:
-        tile = max(_vector_width(cdtype), min(tuning.current().blocked_columns, tile_width(n, d, yc.element_size(), 2)))
+        tile = tuning.current().blocked_tile(n, d, yc.element_size(), 2, _vector_width(cdtype))
         _module().backward_blocked(yc, gc, gx, gacc, kernel_pairs(plan), blocks, cs, n, d, tile, threads, transpose,
-                                   tuning.current().wide(d))
+                                   tuning.current().wide_blocked(d))
     else:
         tile = tile_width(n, d, yc.element_size(), 2)
         _module().backward(yc, gc, gx, gacc, kernel_pairs(plan), cs, n, d, tile, threads, transpose,

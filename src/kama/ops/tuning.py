@@ -60,6 +60,8 @@ class Tuning:
         blocked_columns: batch columns of the register-blocked walk's tiles.
         vector_bits: 512 runs the walks of tiles with at least :data:`MIN_TUNED_DIM` features with 512-bit vectors
             (AVX-512 cores only; twice the arithmetic per instruction), 256 with the portable loops.
+        blocked_vector_bits: the same for the register-blocked walk (calibrated on its own: its groups gain the
+            most from wide vectors).
         source: ``"defaults"``, ``"calibrated"`` (with the date) or ``"environment"``.
     """
 
@@ -71,6 +73,7 @@ class Tuning:
     prefetch_min_bytes: int = 768 * 1024
     blocked_columns: int = 32
     vector_bits: int = 256
+    blocked_vector_bits: int = 256
     source: str = "defaults"
 
     def tile_width(self, n_rows: int, d: int, itemsize: int, buffers: int) -> int:
@@ -90,10 +93,27 @@ class Tuning:
             t //= 2
         return t
 
+    def blocked_tile(self, n_rows: int, d: int, itemsize: int, buffers: int, lanes: int) -> int:
+        """Batch columns per tile of the register-blocked walk: a power of two no wider than the batch needs (at most
+        :attr:`blocked_columns`, at least ``lanes``, one vector), narrowed while ``buffers`` tiles of ``d x T`` exceed
+        a quarter of the budget (half the L2: a group's 8 rows come from anywhere in the tile; measured on a Xeon
+        with 2 MiB of L2, 128 columns are fastest at d = 1024 and slowest at d = 4096)."""
+        t = lanes
+        while t < min(n_rows, self.blocked_columns):
+            t *= 2
+        budget = (self.tile_budget_bytes if d >= MIN_TUNED_DIM else DEFAULTS.tile_budget_bytes) // 4
+        while t > max(lanes, 16) and buffers * d * t * itemsize > budget:
+            t //= 2
+        return t
+
     def wide(self, d: int) -> bool:
         """Whether tiles of ``d`` features run the 512-bit loops (never under :data:`MIN_TUNED_DIM` features, so that
         RL-size layers compute the same bits on every x86-64 core)."""
         return self.vector_bits == 512 and d >= MIN_TUNED_DIM
+
+    def wide_blocked(self, d: int) -> bool:
+        """:meth:`wide` for the register-blocked walk."""
+        return self.blocked_vector_bits == 512 and d >= MIN_TUNED_DIM
 
     def prefetch_for(self, tile_bytes: int) -> int:
         """Rotations ahead to prefetch for a tile of ``tile_bytes`` (all its buffers)."""
@@ -190,7 +210,8 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
 
     The tile width and the vector width (512 bits only on AVX-512 cores) are timed together on forward passes at
     d = 1024 (k = 2 d ln d) and d = 4096 (k = 5 d ln d), the backward width at d = 1024, the prefetch distance at
-    d = 4096 and the blocked walk's width at d = 1024 and 4096 (as the forward), all with 256 rows."""
+    d = 4096, and the blocked walk's tile and vector widths at d = 1024 and 4096 (as the forward), all with 256
+    rows."""
     from . import cpu
     from .blocked import blocked_pairs
     from .plans import GivensPlan
@@ -245,12 +266,19 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
         blk4 = GivensPlan(blocked_pairs(d4, k4, generator=g), d4)
         bl4, bp4 = cpu.kernel_blocks(blk4), cpu.kernel_pairs(blk4)
 
-        def blocked(cols: int) -> None:
+        def blocked(setting: tuple[int, int]) -> None:
+            tb, wide = replace(t, blocked_columns=setting[0]), setting[1] == 512
             for _ in range(3):
-                C.forward_blocked(x, y, bp, bl, cs, 256, d, cols, 1, False, None, wide)
-            C.forward_blocked(x4, y4, bp4, bl4, cs4, 256, d4, cols, 1, False, None, wide)
+                C.forward_blocked(x, y, bp, bl, cs, 256, d, tb.blocked_tile(256, d, 4, 1, 8), 1, False, None, wide)
+            C.forward_blocked(x4, y4, bp4, bl4, cs4, 256, d4, tb.blocked_tile(256, d4, 4, 1, 8), 1, False, None,
+                              wide)
 
-        t = replace(t, blocked_columns=pick([t.blocked_columns, 16, 64], blocked))
+        # with 512-bit vectors a row of a 32-column tile is two vectors: the groups' setup (12 cos / sin, 8 rows)
+        # is spread over too little work there, so wide tiles come first
+        cands = [(c, 256) for c in (t.blocked_columns, 16, 64, 128)] + \
+            [(c, 512) for c in (128, 64, 32) if 512 in widths]
+        bcols, bbits = pick(cands, blocked)
+        t = replace(t, blocked_columns=bcols, blocked_vector_bits=bbits)
         return replace(t, source=f"calibrated {time.strftime('%Y-%m-%d')}")
     finally:
         torch.set_num_threads(old_threads)
@@ -261,11 +289,13 @@ def _with_environment(t: Tuning) -> Tuning:
            "max_columns": env_int("KAMA_TILE_COLUMNS", t.max_columns, minimum=1),
            "prefetch": env_int("KAMA_PREFETCH", t.prefetch, minimum=0),
            "blocked_columns": env_int("KAMA_BLOCKED_COLUMNS", t.blocked_columns, minimum=8),
-           "vector_bits": env_int("KAMA_VECTOR_BITS", t.vector_bits, minimum=1)}
-    if env["vector_bits"] not in (256, 512):
-        warnings.warn(f"kama: vector_bits must be 256 or 512, got {env['vector_bits']}; using {t.vector_bits}",
-                      RuntimeWarning, stacklevel=3)
-        env["vector_bits"] = t.vector_bits
+           "vector_bits": env_int("KAMA_VECTOR_BITS", t.vector_bits, minimum=1),
+           "blocked_vector_bits": env_int("KAMA_VECTOR_BITS", t.blocked_vector_bits, minimum=1)}
+    for name in ("vector_bits", "blocked_vector_bits"):
+        if env[name] not in (256, 512):
+            warnings.warn(f"kama: {name} must be 256 or 512, got {env[name]}; using {getattr(t, name)}",
+                          RuntimeWarning, stacklevel=3)
+            env[name] = getattr(t, name)
     for name in ("max_columns", "blocked_columns"):
         v = env[name]
         if v & (v - 1) or v > 128:
