@@ -22,12 +22,19 @@ static double now(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
-/* the production loop: 2 loads, 2 stores, 2 mul + 2 fma per rotation-vector, rows at random */
+/* the production loop: 2 loads, 2 stores, 2 mul + 2 fma per rotation-vector, rows at random; the vectors written
+ * out as in the kernel (a loop over floats would test the two rows for overlap at every rotation) */
+typedef float vn __attribute__((vector_size(32), aligned(4), may_alias));
+#define ROTATE_ROWS(a, b, c, s)                                                                             \
+    for (int t = 0; t < T; t += 8) {                                                                        \
+        const vn va = *(const vn *)((a) + t), vb = *(const vn *)((b) + t);                                  \
+        *(vn *)((a) + t) = (c) * va - (s) * vb; *(vn *)((b) + t) = (s) * va + (c) * vb;                     \
+    }
 __attribute__((noinline)) void walk(float *restrict buf, const int32_t *restrict ij, const float *restrict cs, int64_t k) {
     for (int64_t r = k - 1; r >= 0; --r) {
-        float *restrict a = buf + (int64_t)ij[2 * r] * T, *restrict b = buf + (int64_t)ij[2 * r + 1] * T;
+        float *a = buf + (int64_t)ij[2 * r] * T, *b = buf + (int64_t)ij[2 * r + 1] * T;
         const float c = cs[2 * r], s = cs[2 * r + 1];
-        for (int t = 0; t < T; ++t) { float va = a[t], vb = b[t]; a[t] = c * va - s * vb; b[t] = s * va + c * vb; }
+        ROTATE_ROWS(a, b, c, s)
     }
 }
 /* loads only: both rows read and summed into one accumulator per vector of the row (T / 8 independent add
@@ -63,9 +70,9 @@ __attribute__((noinline)) float fp_only(const float *restrict cs, int64_t k) {
 __attribute__((noinline)) void nodep(float *restrict buf, const float *restrict cs, int64_t k, int64_t d) {
     for (int64_t r = 0; r < k; ++r) {
         const int64_t i = (2 * r) % d, j = (2 * r + 1) % d;
-        float *restrict a = buf + i * T, *restrict b = buf + j * T;
+        float *a = buf + i * T, *b = buf + j * T;
         const float c = cs[2 * r], s = cs[2 * r + 1];
-        for (int t = 0; t < T; ++t) { float va = a[t], vb = b[t]; a[t] = c * va - s * vb; b[t] = s * va + c * vb; }
+        ROTATE_ROWS(a, b, c, s)
     }
 }
 /* register-blocked groups: 8 rows loaded once, 12 butterfly rotations in registers, stored once */
