@@ -302,6 +302,18 @@ typedef float nvec_f32 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef double nvec_f64 __attribute__((vector_size(32), aligned(8), may_alias));
 #define NVEC_f32 8
 #define NVEC_f64 4
+/* lane sums by halving (a shuffle tree: log2(lanes) adds instead of a serial chain per rotation) */
+static inline float nvec_sum_f32(nvec_f32 v) {
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    return v[0];
+}
+static inline double nvec_sum_f64(nvec_f64 v) {
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2);
+    return v[0];
+}
 
 #define DEFINE_KERNELS(TYPE, SUFFIX, T)                                                                     \
     KAMA_CLONES static void fwd_##SUFFIX##_##T(TYPE *restrict buf, const int32_t *restrict ij,              \
@@ -410,9 +422,7 @@ DEFINE_ALL_T(double, f64)
                 *(wv *)(ga + t) = c * a2 + s * b2;                                                          \
                 *(wv *)(gb + t) = c * b2 - s * a2;                                                          \
             }                                                                                               \
-            TYPE h = 0;                                                                                     \
-            for (int l = 0; l < LANES##_##SUFFIX; ++l) h += acc[l];                                          \
-            gacc[r] += (double)h;                                                                           \
+            gacc[r] += (double)VT##_sum_##SUFFIX(acc);                                                      \
         }                                                                                                   \
     }
 DEFINE_VEC_BWD(KAMA_CLONES, n, nvec, NVEC, float, f32, 8)
@@ -446,6 +456,8 @@ static int have_avx512(void) {
 }
 typedef float wvec_f32 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef double wvec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
+KAMA_WIDE static inline float wvec_sum_f32(wvec_f32 v) { return _mm512_reduce_add_ps((__m512)v); }
+KAMA_WIDE static inline double wvec_sum_f64(wvec_f64 v) { return _mm512_reduce_add_pd((__m512d)v); }
 #define WLANES_f32 16
 #define WLANES_f64 8
 
@@ -854,7 +866,7 @@ typedef struct kama_blocks {
 /* the groups with 512-bit vectors (a 256-bit chunk for a tile of 8 mod 16 float32 columns): as blk_fwd / blk_bwd */
 #if KAMA_HAVE_WIDE
 #define DEFINE_WIDE_BLOCKED(TYPE, SUFFIX, HW)                                                               \
-    typedef TYPE hvec_##SUFFIX __attribute__((vector_size(32), aligned(sizeof(TYPE)), may_alias));          \
+    typedef nvec_##SUFFIX hvec_##SUFFIX;                                                                    \
     KAMA_WIDE static void wblk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,          \
                                             const TYPE *restrict cs, int transpose) {                       \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
@@ -912,8 +924,7 @@ typedef struct kama_blocks {
                     }                                                                                       \
                 }                                                                                           \
                 for (int q = 0; q < GROUP_ROTS; ++q) {                                                      \
-                    h[q] = 0;                                                                               \
-                    for (int l = 0; l < WLANES_##SUFFIX; ++l) h[q] += acc[q][l];                            \
+                    h[q] = wvec_sum_##SUFFIX(acc[q]);                                                       \
                 }                                                                                           \
             }                                                                                               \
             if (TW < T) {                                                                                   \
@@ -933,11 +944,13 @@ typedef struct kama_blocks {
                     }                                                                                       \
                 }                                                                                           \
                 for (int q = 0; q < GROUP_ROTS; ++q)                                                        \
-                    for (int l = 0; l < HW; ++l) h[q] += acc[q][l];                                         \
+                    h[q] += hvec_sum_##SUFFIX(acc[q]);                                                      \
             }                                                                                               \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
         }                                                                                                   \
     }
+#define hvec_sum_f32 nvec_sum_f32
+#define hvec_sum_f64 nvec_sum_f64
 DEFINE_WIDE_BLOCKED(float, f32, 8)
 DEFINE_WIDE_BLOCKED(double, f64, 4)
 #define BLK_WIDE(J) ((J)->wide && have_avx512())
