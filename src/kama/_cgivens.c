@@ -457,6 +457,8 @@ static int have_avx512(void) {
 typedef float wvec_f32 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef double wvec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
 KAMA_WIDE static inline float wvec_sum_f32(wvec_f32 v) { return _mm512_reduce_add_ps((__m512)v); }
+KAMA_WIDE static inline wvec_f32 wvec_bcast_f32(float x) { return (wvec_f32)_mm512_set1_ps(x); }
+KAMA_WIDE static inline wvec_f64 wvec_bcast_f64(double x) { return (wvec_f64)_mm512_set1_pd(x); }
 KAMA_WIDE static inline double wvec_sum_f64(wvec_f64 v) { return _mm512_reduce_add_pd((__m512d)v); }
 #define WLANES_f32 16
 #define WLANES_f64 8
@@ -867,24 +869,32 @@ typedef struct kama_blocks {
 #if KAMA_HAVE_WIDE
 #define DEFINE_WIDE_BLOCKED(TYPE, SUFFIX, HW)                                                               \
     typedef nvec_##SUFFIX hvec_##SUFFIX;                                                                    \
-    KAMA_WIDE static void wblk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,          \
-                                            const TYPE *restrict cs, int transpose) {                       \
+    KAMA_WIDE static inline __attribute__((always_inline)) void wblk_fwd_t_##SUFFIX(                       \
+        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, int transpose) { \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
         const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
             const int32_t *sl = b->slots + BLOCK * g;                                                       \
-            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
-            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
-            for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                             \
-                wvec_##SUFFIX v[BLOCK];                                                                     \
-                for (int u = 0; u < BLOCK; ++u) v[u] = *(const wvec_##SUFFIX *)(p[u] + t);                  \
-                if (!transpose) { BLK_FWD_ALL }                                                             \
-                else { BLK_FWD_REV }                                                                        \
-                for (int u = 0; u < BLOCK; ++u) *(wvec_##SUFFIX *)(p[u] + t) = v[u];                        \
+            if (TW) { /* the group's coefficients broadcast once, straight from the plan */                 \
+                wvec_##SUFFIX c[GROUP_ROTS], s[GROUP_ROTS];                                                 \
+                for (int q = 0; q < GROUP_ROTS; ++q) {                                                      \
+                    c[q] = wvec_bcast_##SUFFIX(cs[2 * (r0 - q)]);                                           \
+                    s[q] = wvec_bcast_##SUFFIX(sgn * cs[2 * (r0 - q) + 1]);                                 \
+                }                                                                                           \
+                for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                         \
+                    wvec_##SUFFIX v[BLOCK];                                                                 \
+                    for (int u = 0; u < BLOCK; ++u) v[u] = *(const wvec_##SUFFIX *)(p[u] + t);              \
+                    if (!transpose) { BLK_FWD_ALL }                                                         \
+                    else { BLK_FWD_REV }                                                                    \
+                    for (int u = 0; u < BLOCK; ++u) *(wvec_##SUFFIX *)(p[u] + t) = v[u];                    \
+                }                                                                                           \
             }                                                                                               \
+            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
+            if (TW < T)                                                                                     \
+                for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
             for (int64_t t = TW; t < T; t += HW) {                                                          \
                 hvec_##SUFFIX v[BLOCK];                                                                     \
                 for (int u = 0; u < BLOCK; ++u) v[u] = *(const hvec_##SUFFIX *)(p[u] + t);                  \
@@ -892,6 +902,16 @@ typedef struct kama_blocks {
                 else { BLK_FWD_REV }                                                                        \
                 for (int u = 0; u < BLOCK; ++u) *(hvec_##SUFFIX *)(p[u] + t) = v[u];                        \
             }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    /* the common widths with T a constant (the chunk loop unrolled) */                                     \
+    KAMA_WIDE static void wblk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,          \
+                                            const TYPE *restrict cs, int transpose) {                       \
+        switch (T) {                                                                                        \
+            case 32: wblk_fwd_t_##SUFFIX(buf, 32, b, cs, transpose); break;                                 \
+            case 64: wblk_fwd_t_##SUFFIX(buf, 64, b, cs, transpose); break;                                 \
+            case 128: wblk_fwd_t_##SUFFIX(buf, 128, b, cs, transpose); break;                               \
+            default: wblk_fwd_t_##SUFFIX(buf, T, b, cs, transpose); break;                                  \
         }                                                                                                   \
     }                                                                                                       \
     KAMA_WIDE static void wblk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,                \
