@@ -401,10 +401,18 @@ def _run_local(todo: Iterable[RunConfig], folders: dict[str, Path], workers: int
             bar.update(1)
     except BaseException:
         # Interrupted (SIGINT to this process alone) or a run failed: queued runs are dropped and running ones
-        # stopped; their folders stay unfinished, and a rerun restarts them.
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        # stopped; their folders stay unfinished, and a rerun restarts them. The workers are joined here, with a
+        # deadline, rather than through the pool's shutdown, which can wait forever on a worker stopped while it
+        # was starting.
+        procs = list(getattr(pool, "_processes", {}).values())
+        for proc in procs:
             proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
         raise
     pool.shutdown(wait=True)
 
