@@ -26,7 +26,7 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -395,10 +395,16 @@ def _run_local(todo: Iterable[RunConfig], folders: dict[str, Path], workers: int
                                initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_run_one, r, str(folders[run_id(r)])): r for r in todo}
-        for fut in as_completed(futures):
-            fut.result()
-            bar.set_postfix_str(run_id(futures[fut]))
-            bar.update(1)
+        pending = set(futures)
+        while pending:
+            # a bounded wait: the main thread comes back to Python often enough to raise KeyboardInterrupt even
+            # when the kernel handed SIGINT to another of its threads (a wait without timeout would sleep through
+            # it until the next run finished)
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            for fut in done:
+                fut.result()
+                bar.set_postfix_str(run_id(futures[fut]))
+                bar.update(1)
     except BaseException:
         # Interrupted (SIGINT to this process alone) or a run failed: queued runs are dropped and running ones
         # stopped; their folders stay unfinished, and a rerun restarts them. The workers are joined here, with a
