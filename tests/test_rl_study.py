@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -286,10 +287,12 @@ def test_sigint_to_the_study_process_alone_stops_queued_runs(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     workers: set[int] = set()
-    while time.time() < deadline and len(workers) < 2:
+    started: list[Path] = []
+    while time.time() < deadline and (len(workers) < 2 or len(started) < 2):
         workers = {c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()}
+        started = list(out.glob("*/config.json"))  # both workers are training: the study is waiting on them
         time.sleep(0.2)
-    assert workers, "no pool worker started"
+    assert workers and started, "no pool worker started"
     os.kill(proc.pid, signal.SIGINT)  # the parent only, as `kill -INT pid` does
     t0 = time.time()
     _, err = proc.communicate(timeout=60)  # read stderr while waiting: a full pipe would block the study
