@@ -298,6 +298,35 @@ DEFINE_IO(double, f64)
         for (int o_ = 0; o_ < (int)((T) * sizeof(TYPE)); o_ += 64) __builtin_prefetch(p_ + o_, 1, 3);       \
     } while (0)
 
+/* The start of rotation q of a walk over a (d, T) tile: its product index r (reversed for the transpose), the
+ * rows pf rotations ahead prefetched, its rows' pointers and its cos / sin (s signed for the transpose). */
+#define FWD_ROTATION_ROWS(TYPE, T)                                                                          \
+    const int64_t r = transpose ? q : k - 1 - q;                                                            \
+    if (pf && q + pf < k) {                                                                                 \
+        const int64_t rp = transpose ? r + pf : r - pf;                                                     \
+        PREFETCH_ROWS(buf, ij[2 * rp], T, TYPE);                                                            \
+        PREFETCH_ROWS(buf, ij[2 * rp + 1], T, TYPE);                                                        \
+    }                                                                                                       \
+    TYPE *restrict a = buf + (int64_t)ij[2 * r] * T;                                                        \
+    TYPE *restrict b = buf + (int64_t)ij[2 * r + 1] * T;                                                    \
+    const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];
+/* the same for the backward's two tiles (saved output vb_, gradient gb_), walked from the last rotation */
+#define BWD_ROTATION_ROWS(TYPE, T)                                                                          \
+    const int64_t r = transpose ? q : k - 1 - q;                                                            \
+    if (pf && q - pf >= 0) {                                                                                \
+        const int64_t rp = transpose ? r - pf : r + pf;                                                     \
+        PREFETCH_ROWS(vb_, ij[2 * rp], T, TYPE);                                                            \
+        PREFETCH_ROWS(vb_, ij[2 * rp + 1], T, TYPE);                                                        \
+        PREFETCH_ROWS(gb_, ij[2 * rp], T, TYPE);                                                            \
+        PREFETCH_ROWS(gb_, ij[2 * rp + 1], T, TYPE);                                                        \
+    }                                                                                                       \
+    const int64_t i_ = ij[2 * r], j_ = ij[2 * r + 1];                                                       \
+    TYPE *restrict va = vb_ + i_ * T;                                                                       \
+    TYPE *restrict vb = vb_ + j_ * T;                                                                       \
+    TYPE *restrict ga = gb_ + i_ * T;                                                                       \
+    TYPE *restrict gb = gb_ + j_ * T;                                                                       \
+    const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];
+
 typedef float nvec_f32 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef double nvec_f64 __attribute__((vector_size(32), aligned(8), may_alias));
 #define NVEC_f32 8
@@ -320,15 +349,7 @@ static inline double nvec_sum_f64(nvec_f64 v) {
                                                const TYPE *restrict cs, int64_t k, int transpose, TYPE sgn, \
                                                int pf) {                                                    \
         for (int64_t q = 0; q < k; ++q) {                                                                   \
-            const int64_t r = transpose ? q : k - 1 - q;                                                    \
-            if (pf && q + pf < k) {                                                                         \
-                const int64_t rp = transpose ? r + pf : r - pf;                                             \
-                PREFETCH_ROWS(buf, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(buf, ij[2 * rp + 1], T, TYPE);                                                \
-            }                                                                                               \
-            TYPE *restrict a = buf + (int64_t)ij[2 * r] * T;                                                \
-            TYPE *restrict b = buf + (int64_t)ij[2 * r + 1] * T;                                            \
-            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            FWD_ROTATION_ROWS(TYPE, T)                                                                      \
             /* whole 32-byte vectors written out: GCC does not trust restrict on these block-scope pointers   \
              * and would check for overlap at every rotation (3x slower at T = 16, 32) */                     \
             int t = 0;                                                                                      \
@@ -349,20 +370,7 @@ static inline double nvec_sum_f64(nvec_f64 v) {
                                                int64_t k, int transpose, TYPE sgn, double *restrict gacc,   \
                                                int pf) {                                                    \
         for (int64_t q = k - 1; q >= 0; --q) {                                                              \
-            const int64_t r = transpose ? q : k - 1 - q;                                                    \
-            if (pf && q - pf >= 0) {                                                                        \
-                const int64_t rp = transpose ? r - pf : r + pf;                                             \
-                PREFETCH_ROWS(vb_, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(vb_, ij[2 * rp + 1], T, TYPE);                                                \
-                PREFETCH_ROWS(gb_, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(gb_, ij[2 * rp + 1], T, TYPE);                                                \
-            }                                                                                               \
-            const int64_t i_ = ij[2 * r], j_ = ij[2 * r + 1];                                               \
-            TYPE *restrict va = vb_ + i_ * T;                                                               \
-            TYPE *restrict vb = vb_ + j_ * T;                                                               \
-            TYPE *restrict ga = gb_ + i_ * T;                                                               \
-            TYPE *restrict gb = gb_ + j_ * T;                                                               \
-            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            BWD_ROTATION_ROWS(TYPE, T)                                                                      \
             TYPE acc = 0;                                                                                   \
             for (int t = 0; t < T; ++t) {                                                                   \
                 const TYPE a1 = va[t], b1 = vb[t], a2 = ga[t], b2 = gb[t];                                  \
@@ -398,20 +406,7 @@ DEFINE_ALL_T(double, f64)
                                               int pf) {                                                     \
         typedef VT##_##SUFFIX wv;                                                                           \
         for (int64_t q = k - 1; q >= 0; --q) {                                                              \
-            const int64_t r = transpose ? q : k - 1 - q;                                                    \
-            if (pf && q - pf >= 0) {                                                                        \
-                const int64_t rp = transpose ? r - pf : r + pf;                                             \
-                PREFETCH_ROWS(vb_, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(vb_, ij[2 * rp + 1], T, TYPE);                                                \
-                PREFETCH_ROWS(gb_, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(gb_, ij[2 * rp + 1], T, TYPE);                                                \
-            }                                                                                               \
-            const int64_t i_ = ij[2 * r], j_ = ij[2 * r + 1];                                               \
-            TYPE *restrict va = vb_ + i_ * T;                                                               \
-            TYPE *restrict vb = vb_ + j_ * T;                                                               \
-            TYPE *restrict ga = gb_ + i_ * T;                                                               \
-            TYPE *restrict gb = gb_ + j_ * T;                                                               \
-            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            BWD_ROTATION_ROWS(TYPE, T)                                                                      \
             wv acc = {0};                                                                                   \
             for (int t = 0; t < T; t += LANES##_##SUFFIX) {                                                  \
                 const wv a1 = *(const wv *)(va + t), b1 = *(const wv *)(vb + t);                            \
@@ -468,15 +463,7 @@ KAMA_WIDE static inline double wvec_sum_f64(wvec_f64 v) { return _mm512_reduce_a
                                               const TYPE *restrict cs, int64_t k, int transpose, TYPE sgn,  \
                                               int pf) {                                                     \
         for (int64_t q = 0; q < k; ++q) {                                                                   \
-            const int64_t r = transpose ? q : k - 1 - q;                                                    \
-            if (pf && q + pf < k) {                                                                         \
-                const int64_t rp = transpose ? r + pf : r - pf;                                             \
-                PREFETCH_ROWS(buf, ij[2 * rp], T, TYPE);                                                    \
-                PREFETCH_ROWS(buf, ij[2 * rp + 1], T, TYPE);                                                \
-            }                                                                                               \
-            TYPE *restrict a = buf + (int64_t)ij[2 * r] * T;                                                \
-            TYPE *restrict b = buf + (int64_t)ij[2 * r + 1] * T;                                            \
-            const TYPE c = cs[2 * r], s = sgn * cs[2 * r + 1];                                              \
+            FWD_ROTATION_ROWS(TYPE, T)                                                                      \
             for (int t = 0; t < T; t += WLANES_##SUFFIX) {                                                  \
                 const wvec_##SUFFIX va = *(const wvec_##SUFFIX *)(a + t), vb = *(const wvec_##SUFFIX *)(b + t); \
                 *(wvec_##SUFFIX *)(a + t) = c * va - s * vb;                                                \
