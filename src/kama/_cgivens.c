@@ -852,6 +852,35 @@ typedef struct kama_blocks {
         return NULL;                                                                                        \
     }
 
+/* the column chunks [FROM, TO) of a group in vectors of type VT (STEP columns): forward over the rows p[], and
+ * backward over pv[] / pg[] with the lane sums of the angle-gradient accumulators stored (=) or added (+=) in h */
+#define BLK_FWD_CHUNKS(VT, FROM, TO, STEP)                                                                  \
+    for (int64_t t = (FROM); t < (TO); t += (STEP)) {                                                       \
+        VT v[BLOCK];                                                                                        \
+        for (int u = 0; u < BLOCK; ++u) v[u] = *(const VT *)(p[u] + t);                                     \
+        if (!transpose) { BLK_FWD_ALL }                                                                     \
+        else { BLK_FWD_REV }                                                                                \
+        for (int u = 0; u < BLOCK; ++u) *(VT *)(p[u] + t) = v[u];                                           \
+    }
+#define BLK_BWD_CHUNKS(VT, SUM, FROM, TO, STEP, ASSIGN)                                                     \
+    {                                                                                                       \
+        VT acc[GROUP_ROTS];                                                                                 \
+        memset(acc, 0, sizeof acc);                                                                         \
+        for (int64_t t = (FROM); t < (TO); t += (STEP)) {                                                   \
+            VT v[BLOCK], w[BLOCK];                                                                          \
+            for (int u = 0; u < BLOCK; ++u) {                                                               \
+                v[u] = *(const VT *)(pv[u] + t);                                                            \
+                w[u] = *(const VT *)(pg[u] + t);                                                            \
+            }                                                                                               \
+            if (!transpose) { BLK_BWD_REV }                                                                 \
+            else { BLK_BWD_ALL }                                                                            \
+            for (int u = 0; u < BLOCK; ++u) {                                                               \
+                *(VT *)(pv[u] + t) = v[u];                                                                  \
+                *(VT *)(pg[u] + t) = w[u];                                                                  \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int q = 0; q < GROUP_ROTS; ++q) h[q] ASSIGN SUM(acc[q]);                                       \
+    }
 /* the groups with 512-bit vectors (a 256-bit chunk for a tile of 8 mod 16 float32 columns): as blk_fwd / blk_bwd */
 #if KAMA_HAVE_WIDE
 #define DEFINE_WIDE_BLOCKED(TYPE, SUFFIX, HW)                                                               \
@@ -871,24 +900,12 @@ typedef struct kama_blocks {
                     c[q] = wvec_bcast_##SUFFIX(cs[2 * (r0 - q)]);                                           \
                     s[q] = wvec_bcast_##SUFFIX(sgn * cs[2 * (r0 - q) + 1]);                                 \
                 }                                                                                           \
-                for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                         \
-                    wvec_##SUFFIX v[BLOCK];                                                                 \
-                    for (int u = 0; u < BLOCK; ++u) v[u] = *(const wvec_##SUFFIX *)(p[u] + t);              \
-                    if (!transpose) { BLK_FWD_ALL }                                                         \
-                    else { BLK_FWD_REV }                                                                    \
-                    for (int u = 0; u < BLOCK; ++u) *(wvec_##SUFFIX *)(p[u] + t) = v[u];                    \
-                }                                                                                           \
+                BLK_FWD_CHUNKS(wvec_##SUFFIX, 0, TW, WLANES_##SUFFIX)                                       \
             }                                                                                               \
             TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
             if (TW < T)                                                                                     \
                 for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
-            for (int64_t t = TW; t < T; t += HW) {                                                          \
-                hvec_##SUFFIX v[BLOCK];                                                                     \
-                for (int u = 0; u < BLOCK; ++u) v[u] = *(const hvec_##SUFFIX *)(p[u] + t);                  \
-                if (!transpose) { BLK_FWD_ALL }                                                             \
-                else { BLK_FWD_REV }                                                                        \
-                for (int u = 0; u < BLOCK; ++u) *(hvec_##SUFFIX *)(p[u] + t) = v[u];                        \
-            }                                                                                               \
+            BLK_FWD_CHUNKS(hvec_##SUFFIX, TW, T, HW)                                                        \
         }                                                                                                   \
     }                                                                                                       \
     /* the common widths with T a constant (the chunk loop unrolled) */                                     \
@@ -914,45 +931,8 @@ typedef struct kama_blocks {
             TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
             for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
             TYPE h[GROUP_ROTS];                                                                             \
-            {                                                                                               \
-                wvec_##SUFFIX acc[GROUP_ROTS];                                                              \
-                memset(acc, 0, sizeof acc);                                                                 \
-                for (int64_t t = 0; t < TW; t += WLANES_##SUFFIX) {                                         \
-                    wvec_##SUFFIX v[BLOCK], w[BLOCK];                                                       \
-                    for (int u = 0; u < BLOCK; ++u) {                                                       \
-                        v[u] = *(const wvec_##SUFFIX *)(pv[u] + t);                                         \
-                        w[u] = *(const wvec_##SUFFIX *)(pg[u] + t);                                         \
-                    }                                                                                       \
-                    if (!transpose) { BLK_BWD_REV }                                                         \
-                    else { BLK_BWD_ALL }                                                                    \
-                    for (int u = 0; u < BLOCK; ++u) {                                                       \
-                        *(wvec_##SUFFIX *)(pv[u] + t) = v[u];                                               \
-                        *(wvec_##SUFFIX *)(pg[u] + t) = w[u];                                               \
-                    }                                                                                       \
-                }                                                                                           \
-                for (int q = 0; q < GROUP_ROTS; ++q) {                                                      \
-                    h[q] = wvec_sum_##SUFFIX(acc[q]);                                                       \
-                }                                                                                           \
-            }                                                                                               \
-            if (TW < T) {                                                                                   \
-                hvec_##SUFFIX acc[GROUP_ROTS];                                                              \
-                memset(acc, 0, sizeof acc);                                                                 \
-                for (int64_t t = TW; t < T; t += HW) {                                                      \
-                    hvec_##SUFFIX v[BLOCK], w[BLOCK];                                                       \
-                    for (int u = 0; u < BLOCK; ++u) {                                                       \
-                        v[u] = *(const hvec_##SUFFIX *)(pv[u] + t);                                         \
-                        w[u] = *(const hvec_##SUFFIX *)(pg[u] + t);                                         \
-                    }                                                                                       \
-                    if (!transpose) { BLK_BWD_REV }                                                         \
-                    else { BLK_BWD_ALL }                                                                    \
-                    for (int u = 0; u < BLOCK; ++u) {                                                       \
-                        *(hvec_##SUFFIX *)(pv[u] + t) = v[u];                                               \
-                        *(hvec_##SUFFIX *)(pg[u] + t) = w[u];                                               \
-                    }                                                                                       \
-                }                                                                                           \
-                for (int q = 0; q < GROUP_ROTS; ++q)                                                        \
-                    h[q] += hvec_sum_##SUFFIX(acc[q]);                                                      \
-            }                                                                                               \
+            BLK_BWD_CHUNKS(wvec_##SUFFIX, wvec_sum_##SUFFIX, 0, TW, WLANES_##SUFFIX, =)                     \
+            if (TW < T) BLK_BWD_CHUNKS(hvec_##SUFFIX, hvec_sum_##SUFFIX, TW, T, HW, +=)                     \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
         }                                                                                                   \
     }
