@@ -749,12 +749,16 @@ typedef struct kama_blocks {
     BLK_UNROT(v[6], v[7], w[6], w[7], c[3], s[3], acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], c[2], s[2], acc[2]);     \
     BLK_UNROT(v[2], v[3], w[2], w[3], c[1], s[1], acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], c[0], s[0], acc[0]);
 
+/* the coefficient arrays C, S made visible to the row stores, so that every chunk broadcasts them from L1 at their
+ * use (two loads per rotation) instead of keeping 24 broadcast vectors live: 16 ymm registers (AVX2) cannot
+ * hold them beside a group's 8 rows, and spilled they cost four loads per rotation */
+#define BLK_RELOAD(C, S) __asm__ volatile("" : : "r"(C), "r"(S) : "memory")
 #define DEFINE_BLOCKED(TYPE, SUFFIX, VW)                                                                    \
-    typedef TYPE vec_##SUFFIX __attribute__((vector_size(VW * sizeof(TYPE)), aligned(sizeof(TYPE))));       \
-    /* the groups of b on the (d, T) feature-major tile, T a multiple of VW */                               \
-    KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
-                                             const TYPE *restrict cs, int transpose) {                      \
-        typedef vec_##SUFFIX vec_t;                                                                         \
+    /* the groups of b on the (d, T) feature-major tile, T a multiple of VW, in 256-bit vectors: each chunk's  */ \
+    /* 8 rows are loaded straight into registers (a memcpy into an array went through the stack, in halves on */ \
+    /* AVX2-tuned builds, and stalled on store forwarding)                                                     */ \
+    static inline __attribute__((always_inline)) void blk_fwd_t_##SUFFIX(                                                        \
+        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, int transpose) { \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
@@ -763,20 +767,24 @@ typedef struct kama_blocks {
             for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
-            for (int64_t t = 0; t < T; t += VW) {                                                           \
-                vec_t v[BLOCK];                                                                             \
-                for (int u = 0; u < BLOCK; ++u) memcpy(&v[u], p[u] + t, sizeof(vec_t));                     \
-                if (!transpose) { BLK_FWD_ALL }                                                             \
-                else { BLK_FWD_REV }                                                                        \
-                for (int u = 0; u < BLOCK; ++u) memcpy(p[u] + t, &v[u], sizeof(vec_t));                     \
-            }                                                                                               \
+            BLK_RELOAD(c, s);                                                                               \
+            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW)                                                         \
+        }                                                                                                   \
+    }                                                                                                       \
+    KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
+                                             const TYPE *restrict cs, int transpose) {                      \
+        switch (T) {                                                                                        \
+            case 32: blk_fwd_t_##SUFFIX(buf, 32, b, cs, transpose); break;                                  \
+            case 64: blk_fwd_t_##SUFFIX(buf, 64, b, cs, transpose); break;                                  \
+            case 128: blk_fwd_t_##SUFFIX(buf, 128, b, cs, transpose); break;                                \
+            default: blk_fwd_t_##SUFFIX(buf, T, b, cs, transpose); break;                                   \
         }                                                                                                   \
     }                                                                                                       \
     /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
+    /* (lane sums in double, in lane order)                                                                 */ \
     KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
                                              const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
                                              double *restrict gacc) {                                       \
-        typedef vec_##SUFFIX vec_t;                                                                         \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
@@ -785,26 +793,10 @@ typedef struct kama_blocks {
             for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
             TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
             for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
-            vec_t acc[GROUP_ROTS];                                                                          \
-            memset(acc, 0, sizeof acc);                                                                     \
-            for (int64_t t = 0; t < T; t += VW) {                                                           \
-                vec_t v[BLOCK], w[BLOCK];                                                                   \
-                for (int u = 0; u < BLOCK; ++u) {                                                           \
-                    memcpy(&v[u], pv[u] + t, sizeof(vec_t));                                                \
-                    memcpy(&w[u], pg[u] + t, sizeof(vec_t));                                                \
-                }                                                                                           \
-                if (!transpose) { BLK_BWD_REV }                                                             \
-                else { BLK_BWD_ALL }                                                                        \
-                for (int u = 0; u < BLOCK; ++u) {                                                           \
-                    memcpy(pv[u] + t, &v[u], sizeof(vec_t));                                                \
-                    memcpy(pg[u] + t, &w[u], sizeof(vec_t));                                                \
-                }                                                                                           \
-            }                                                                                               \
-            for (int q = 0; q < GROUP_ROTS; ++q) {                                                          \
-                double h = 0;                                                                               \
-                for (int l = 0; l < VW; ++l) h += (double)acc[q][l];                                        \
-                gacc[r0 - q] += h;                                                                          \
-            }                                                                                               \
+            double h[GROUP_ROTS];                                                                           \
+            BLK_RELOAD(c, s);                                                                               \
+            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =)                                  \
+            for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += h[q];                                      \
         }                                                                                                   \
     }                                                                                                       \
     static void *blk_fwd_worker_##SUFFIX(void *arg) {                                                       \
@@ -852,6 +844,17 @@ typedef struct kama_blocks {
         return NULL;                                                                                        \
     }
 
+/* the lanes of a 256-bit vector summed in double, in lane order (the portable blocked backward's angle sums) */
+static inline double nvec_dsum_f32(nvec_f32 v) {
+    double h = 0;
+    for (int l = 0; l < 8; ++l) h += (double)v[l];
+    return h;
+}
+static inline double nvec_dsum_f64(nvec_f64 v) {
+    double h = 0;
+    for (int l = 0; l < 4; ++l) h += v[l];
+    return h;
+}
 /* the column chunks [FROM, TO) of a group in vectors of type VT (STEP columns): forward over the rows p[], and
  * backward over pv[] / pg[] with the lane sums of the angle-gradient accumulators stored (=) or added (+=) in h */
 #define BLK_FWD_CHUNKS(VT, FROM, TO, STEP)                                                                  \
@@ -1748,7 +1751,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
 /* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
-#define KERNEL_VERSION 3
+#define KERNEL_VERSION 4
 
 PyMODINIT_FUNC PyInit__cgivens(void) {
     PyObject *m = PyModule_Create(&module);
