@@ -222,16 +222,22 @@ static inline int use_avx(void) {
     static void load_cols_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,    \
                                    int64_t cols, int64_t ld, int64_t T) {                                   \
         const int avx = use_avx();                                                                          \
-        int64_t t0 = 0;                                                                                     \
-        if (T >= 8)                                                                                         \
-            for (; t0 + 8 <= rows; t0 += 8) {                                                               \
-                int64_t f0 = 0;                                                                             \
-                for (; f0 + 8 <= cols; f0 += 8)                                                             \
-                    tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);            \
-                for (; f0 < cols; ++f0)                                                                     \
-                    for (int64_t t = t0; t < t0 + 8; ++t) buf[f0 * T + t] = x[(n0 + t) * ld + f0];          \
+        /* features outer, 16 at a time (a whole cache line of every batch row read), batch rows inner: the   \
+         * tile's 16 rows are complete in L1 before the next 16 (rows outer wrote each tile line in parts,    \
+         * evicted between them: 1.7-2.3x slower at T = 32 .. 128 on the Intel Xeon) */                       \
+        const int64_t t8 = T >= 8 ? rows - rows % 8 : 0;                                                    \
+        int64_t f0 = 0;                                                                                     \
+        for (; f0 + 16 <= cols; f0 += 16)                                                                   \
+            for (int64_t t0 = 0; t0 < t8; t0 += 8) {                                                        \
+                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);                \
+                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0 + 8, ld, buf + (f0 + 8) * T + t0, T, avx);      \
             }                                                                                               \
-        for (int64_t t = t0; t < rows; ++t) {                                                               \
+        for (; f0 + 8 <= cols; f0 += 8)                                                                     \
+            for (int64_t t0 = 0; t0 < t8; t0 += 8)                                                          \
+                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);                \
+        for (; f0 < cols; ++f0)                                                                             \
+            for (int64_t t = 0; t < t8; ++t) buf[f0 * T + t] = x[(n0 + t) * ld + f0];                       \
+        for (int64_t t = t8; t < rows; ++t) {                                                               \
             const TYPE *src = x + (n0 + t) * ld;                                                            \
             for (int64_t f = 0; f < cols; ++f) buf[f * T + t] = src[f];                                     \
         }                                                                                                   \
@@ -723,36 +729,45 @@ typedef struct kama_blocks {
     } while (0)
 
 /* the 12 butterfly rotations of a group, unrolled (the registers are named at compile time) */
-#define BLK_FWD_ALL BLK_ROT(v[0], v[1], c[0], s[0]); BLK_ROT(v[2], v[3], c[1], s[1]);                                 \
-    BLK_ROT(v[4], v[5], c[2], s[2]); BLK_ROT(v[6], v[7], c[3], s[3]); BLK_ROT(v[0], v[2], c[4], s[4]);                \
-    BLK_ROT(v[1], v[3], c[5], s[5]); BLK_ROT(v[4], v[6], c[6], s[6]); BLK_ROT(v[5], v[7], c[7], s[7]);                \
-    BLK_ROT(v[0], v[4], c[8], s[8]); BLK_ROT(v[1], v[5], c[9], s[9]); BLK_ROT(v[2], v[6], c[10], s[10]);              \
-    BLK_ROT(v[3], v[7], c[11], s[11]);
-#define BLK_FWD_REV BLK_ROT(v[3], v[7], c[11], s[11]); BLK_ROT(v[2], v[6], c[10], s[10]);                             \
-    BLK_ROT(v[1], v[5], c[9], s[9]); BLK_ROT(v[0], v[4], c[8], s[8]); BLK_ROT(v[5], v[7], c[7], s[7]);                \
-    BLK_ROT(v[4], v[6], c[6], s[6]); BLK_ROT(v[1], v[3], c[5], s[5]); BLK_ROT(v[0], v[2], c[4], s[4]);                \
-    BLK_ROT(v[6], v[7], c[3], s[3]); BLK_ROT(v[4], v[5], c[2], s[2]); BLK_ROT(v[2], v[3], c[1], s[1]);                \
-    BLK_ROT(v[0], v[1], c[0], s[0]);
-#define BLK_BWD_ALL BLK_UNROT(v[0], v[1], w[0], w[1], c[0], s[0], acc[0]);                                            \
-    BLK_UNROT(v[2], v[3], w[2], w[3], c[1], s[1], acc[1]); BLK_UNROT(v[4], v[5], w[4], w[5], c[2], s[2], acc[2]);     \
-    BLK_UNROT(v[6], v[7], w[6], w[7], c[3], s[3], acc[3]); BLK_UNROT(v[0], v[2], w[0], w[2], c[4], s[4], acc[4]);     \
-    BLK_UNROT(v[1], v[3], w[1], w[3], c[5], s[5], acc[5]); BLK_UNROT(v[4], v[6], w[4], w[6], c[6], s[6], acc[6]);     \
-    BLK_UNROT(v[5], v[7], w[5], w[7], c[7], s[7], acc[7]); BLK_UNROT(v[0], v[4], w[0], w[4], c[8], s[8], acc[8]);     \
-    BLK_UNROT(v[1], v[5], w[1], w[5], c[9], s[9], acc[9]);                                                            \
-    BLK_UNROT(v[2], v[6], w[2], w[6], c[10], s[10], acc[10]);                                                         \
-    BLK_UNROT(v[3], v[7], w[3], w[7], c[11], s[11], acc[11]);
-#define BLK_BWD_REV BLK_UNROT(v[3], v[7], w[3], w[7], c[11], s[11], acc[11]);                                         \
-    BLK_UNROT(v[2], v[6], w[2], w[6], c[10], s[10], acc[10]);                                                         \
-    BLK_UNROT(v[1], v[5], w[1], w[5], c[9], s[9], acc[9]); BLK_UNROT(v[0], v[4], w[0], w[4], c[8], s[8], acc[8]);     \
-    BLK_UNROT(v[5], v[7], w[5], w[7], c[7], s[7], acc[7]); BLK_UNROT(v[4], v[6], w[4], w[6], c[6], s[6], acc[6]);     \
-    BLK_UNROT(v[1], v[3], w[1], w[3], c[5], s[5], acc[5]); BLK_UNROT(v[0], v[2], w[0], w[2], c[4], s[4], acc[4]);     \
-    BLK_UNROT(v[6], v[7], w[6], w[7], c[3], s[3], acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], c[2], s[2], acc[2]);     \
-    BLK_UNROT(v[2], v[3], w[2], w[3], c[1], s[1], acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], c[0], s[0], acc[0]);
+#define BLK_FWD_ALL(C, S) BLK_ROT(v[0], v[1], C(0), S(0)); BLK_ROT(v[2], v[3], C(1), S(1));                                 \
+    BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[0], v[2], C(4), S(4));                \
+    BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[5], v[7], C(7), S(7));                \
+    BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[2], v[6], C(10), S(10));              \
+    BLK_ROT(v[3], v[7], C(11), S(11));
+#define BLK_FWD_REV(C, S) BLK_ROT(v[3], v[7], C(11), S(11)); BLK_ROT(v[2], v[6], C(10), S(10));                             \
+    BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[5], v[7], C(7), S(7));                \
+    BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[0], v[2], C(4), S(4));                \
+    BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[2], v[3], C(1), S(1));                \
+    BLK_ROT(v[0], v[1], C(0), S(0));
+#define BLK_BWD_ALL(C, S) BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);                                            \
+    BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);     \
+    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);     \
+    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);     \
+    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);     \
+    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]);                                                            \
+    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                         \
+    BLK_UNROT(v[3], v[7], w[3], w[7], C(11), S(11), acc[11]);
+#define BLK_BWD_REV(C, S) BLK_UNROT(v[3], v[7], w[3], w[7], C(11), S(11), acc[11]);                                         \
+    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                         \
+    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);     \
+    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);     \
+    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);     \
+    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);     \
+    BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);
 
 /* the coefficient arrays C, S made visible to the row stores, so that every chunk broadcasts them from L1 at their
  * use (two loads per rotation) instead of keeping 24 broadcast vectors live: 16 ymm registers (AVX2) cannot
  * hold them beside a group's 8 rows, and spilled they cost four loads per rotation */
 #define BLK_RELOAD(C, S) __asm__ volatile("" : : "r"(C), "r"(S) : "memory")
+/* a group's coefficients: from the arrays c[], s[] (BLK_CA, BLK_SA), or read at their use from the plan's cos / sin
+ * (BLK_CP, BLK_SP: cb points at the group's first rotation r0; s negated for the transpose), with cb made opaque at
+ * every chunk (BLK_OPAQUE) so that the compiler cannot hoist 24 broadcasts out of the chunk loop: the 512-bit
+ * backward's 16 rows and 12 accumulators fill 28 of the 32 registers, and each broadcast is then a load operand */
+#define BLK_CA(Q) c[Q]
+#define BLK_SA(Q) s[Q]
+#define BLK_CP(Q) cb[-2 * (Q)]
+#define BLK_SP(Q) (transpose ? -cb[1 - 2 * (Q)] : cb[1 - 2 * (Q)])
+#define BLK_OPAQUE(P) __asm__("" : "+r"(P))
 #define DEFINE_BLOCKED(TYPE, SUFFIX, VW)                                                                    \
     /* the groups of b on the (d, T) feature-major tile, T a multiple of VW, in 256-bit vectors: each chunk's  */ \
     /* 8 rows are loaded straight into registers (a memcpy into an array went through the stack, in halves on */ \
@@ -768,7 +783,7 @@ typedef struct kama_blocks {
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
             BLK_RELOAD(c, s);                                                                               \
-            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW)                                                         \
+            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW, BLK_CA, BLK_SA, (void)0)                                                     \
         }                                                                                                   \
     }                                                                                                       \
     KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
@@ -786,16 +801,17 @@ typedef struct kama_blocks {
                                              const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
                                              double *restrict gacc) {                                       \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        const ptrdiff_t go = gb - vb; /* one buffer, the gradient tile after the output's: one row pointer */ \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
             const int32_t *sl = b->slots + BLOCK * g;                                                       \
             TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
             for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
-            TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
-            for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
+            TYPE *pv[BLOCK];                                                                                \
+            for (int u = 0; u < BLOCK; ++u) pv[u] = vb + (int64_t)sl[u] * T;                                \
             double h[GROUP_ROTS];                                                                           \
             BLK_RELOAD(c, s);                                                                               \
-            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =)                                  \
+            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =, BLK_CA, BLK_SA, (void)0)                              \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += h[q];                                      \
         }                                                                                                   \
     }                                                                                                       \
@@ -823,9 +839,9 @@ typedef struct kama_blocks {
         job_t *j = (job_t *)arg;                                                                            \
         const int64_t T = j->tile, d = j->d, m = j->blocks->k - GROUP_ROTS * j->blocks->groups;              \
         const size_t bytes = (size_t)(d * T * (int64_t)sizeof(TYPE));                                       \
-        TYPE *vb = (TYPE *)buf_get(bytes);                                                                  \
-        TYPE *gb = (TYPE *)buf_get(bytes);                                                                  \
-        if (!vb || !gb) { buf_put(vb, bytes); buf_put(gb, bytes); j->status = -1; return NULL; }            \
+        TYPE *vb = (TYPE *)buf_get(2 * bytes); /* the output tile, then the gradient's (blk_bwd) */         \
+        if (!vb) { j->status = -1; return NULL; }                                                           \
+        TYPE *gb = vb + d * T;                                                                              \
         double *acc = j->gacc + (int64_t)j->thread_id * j->k;                                               \
         for (int64_t tile = j->t_begin; tile < j->t_end; ++tile) {                                          \
             const int64_t n0 = tile * T, rows = (j->n - n0) < T ? (j->n - n0) : T;                          \
@@ -839,8 +855,7 @@ typedef struct kama_blocks {
                 DISPATCH_T(bwd, SUFFIX, T, vb, gb, j->ij, (const TYPE *)j->cs, m, 1, (TYPE)j->sgn, acc, 0)  \
             store_##SUFFIX((TYPE *)j->gx, gb, n0, rows, d, T, NULL);                                        \
         }                                                                                                   \
-        buf_put(vb, bytes);                                                                                 \
-        buf_put(gb, bytes);                                                                                 \
+        buf_put(vb, 2 * bytes);                                                                             \
         return NULL;                                                                                        \
     }
 
@@ -857,29 +872,31 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
 }
 /* the column chunks [FROM, TO) of a group in vectors of type VT (STEP columns): forward over the rows p[], and
  * backward over pv[] / pg[] with the lane sums of the angle-gradient accumulators stored (=) or added (+=) in h */
-#define BLK_FWD_CHUNKS(VT, FROM, TO, STEP)                                                                  \
+#define BLK_FWD_CHUNKS(VT, FROM, TO, STEP, C, S, BAR)                                                       \
     for (int64_t t = (FROM); t < (TO); t += (STEP)) {                                                       \
         VT v[BLOCK];                                                                                        \
+        BAR;                                                                                                \
         for (int u = 0; u < BLOCK; ++u) v[u] = *(const VT *)(p[u] + t);                                     \
-        if (!transpose) { BLK_FWD_ALL }                                                                     \
-        else { BLK_FWD_REV }                                                                                \
+        if (!transpose) { BLK_FWD_ALL(C, S) }                                                           \
+        else { BLK_FWD_REV(C, S) }                                                                      \
         for (int u = 0; u < BLOCK; ++u) *(VT *)(p[u] + t) = v[u];                                           \
     }
-#define BLK_BWD_CHUNKS(VT, SUM, FROM, TO, STEP, ASSIGN)                                                     \
+#define BLK_BWD_CHUNKS(VT, SUM, FROM, TO, STEP, ASSIGN, C, S, BAR)                                          \
     {                                                                                                       \
         VT acc[GROUP_ROTS];                                                                                 \
         memset(acc, 0, sizeof acc);                                                                         \
         for (int64_t t = (FROM); t < (TO); t += (STEP)) {                                                   \
             VT v[BLOCK], w[BLOCK];                                                                          \
+            BAR;                                                                                            \
             for (int u = 0; u < BLOCK; ++u) {                                                               \
                 v[u] = *(const VT *)(pv[u] + t);                                                            \
-                w[u] = *(const VT *)(pg[u] + t);                                                            \
+                w[u] = *(const VT *)(pv[u] + go + t);                                                       \
             }                                                                                               \
-            if (!transpose) { BLK_BWD_REV }                                                                 \
-            else { BLK_BWD_ALL }                                                                            \
+            if (!transpose) { BLK_BWD_REV(C, S) }                                                       \
+            else { BLK_BWD_ALL(C, S) }                                                                  \
             for (int u = 0; u < BLOCK; ++u) {                                                               \
                 *(VT *)(pv[u] + t) = v[u];                                                                  \
-                *(VT *)(pg[u] + t) = w[u];                                                                  \
+                *(VT *)(pv[u] + go + t) = w[u];                                                             \
             }                                                                                               \
         }                                                                                                   \
         for (int q = 0; q < GROUP_ROTS; ++q) h[q] ASSIGN SUM(acc[q]);                                       \
@@ -889,7 +906,7 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
 #define DEFINE_WIDE_BLOCKED(TYPE, SUFFIX, HW)                                                               \
     typedef nvec_##SUFFIX hvec_##SUFFIX;                                                                    \
     KAMA_WIDE static inline __attribute__((always_inline)) void wblk_fwd_t_##SUFFIX(                       \
-        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, int transpose) { \
+        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, const int transpose) { \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
         const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
@@ -897,46 +914,63 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
             const int32_t *sl = b->slots + BLOCK * g;                                                       \
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
-            if (TW) { /* the group's coefficients broadcast once, straight from the plan */                 \
+            if (TW) { /* the group's coefficients broadcast once, straight from the plan (the forward's sines */ \
+                      /* unscaled: a multiply and a register broadcast each would take the FMA ports)         */ \
                 wvec_##SUFFIX c[GROUP_ROTS], s[GROUP_ROTS];                                                 \
                 for (int q = 0; q < GROUP_ROTS; ++q) {                                                      \
                     c[q] = wvec_bcast_##SUFFIX(cs[2 * (r0 - q)]);                                           \
-                    s[q] = wvec_bcast_##SUFFIX(sgn * cs[2 * (r0 - q) + 1]);                                 \
+                    s[q] = transpose ? -wvec_bcast_##SUFFIX(cs[2 * (r0 - q) + 1])                           \
+                                     : wvec_bcast_##SUFFIX(cs[2 * (r0 - q) + 1]);                           \
                 }                                                                                           \
-                BLK_FWD_CHUNKS(wvec_##SUFFIX, 0, TW, WLANES_##SUFFIX)                                       \
+                BLK_FWD_CHUNKS(wvec_##SUFFIX, 0, TW, WLANES_##SUFFIX, BLK_CA, BLK_SA, (void)0)                                   \
             }                                                                                               \
             TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
             if (TW < T)                                                                                     \
                 for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
-            BLK_FWD_CHUNKS(hvec_##SUFFIX, TW, T, HW)                                                        \
+            BLK_FWD_CHUNKS(hvec_##SUFFIX, TW, T, HW, BLK_CA, BLK_SA, (void)0)                                                    \
         }                                                                                                   \
     }                                                                                                       \
     /* the common widths with T a constant (the chunk loop unrolled) */                                     \
     KAMA_WIDE static void wblk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,          \
                                             const TYPE *restrict cs, int transpose) {                       \
-        switch (T) {                                                                                        \
-            case 32: wblk_fwd_t_##SUFFIX(buf, 32, b, cs, transpose); break;                                 \
-            case 64: wblk_fwd_t_##SUFFIX(buf, 64, b, cs, transpose); break;                                 \
-            case 128: wblk_fwd_t_##SUFFIX(buf, 128, b, cs, transpose); break;                               \
+        switch (T * 2 + (transpose != 0)) { /* the transpose a constant too: its branches leave the loops */  \
+            case 64: wblk_fwd_t_##SUFFIX(buf, 32, b, cs, 0); break;                                         \
+            case 65: wblk_fwd_t_##SUFFIX(buf, 32, b, cs, 1); break;                                         \
+            case 128: wblk_fwd_t_##SUFFIX(buf, 64, b, cs, 0); break;                                        \
+            case 129: wblk_fwd_t_##SUFFIX(buf, 64, b, cs, 1); break;                                        \
+            case 256: wblk_fwd_t_##SUFFIX(buf, 128, b, cs, 0); break;                                       \
+            case 257: wblk_fwd_t_##SUFFIX(buf, 128, b, cs, 1); break;                                       \
             default: wblk_fwd_t_##SUFFIX(buf, T, b, cs, transpose); break;                                  \
+        }                                                                                                   \
+    }                                                                                                       \
+    KAMA_WIDE static inline __attribute__((always_inline)) void wblk_bwd_t_##SUFFIX(                       \
+        TYPE *restrict vb, TYPE *restrict gb, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, \
+        const int transpose, double *restrict gacc) {                                                       \
+        const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
+        const ptrdiff_t go = gb - vb; /* one buffer: as blk_bwd */                                          \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            const TYPE *cb = cs + 2 * r0;                                                                   \
+            TYPE *pv[BLOCK];                                                                                \
+            for (int u = 0; u < BLOCK; ++u) pv[u] = vb + (int64_t)sl[u] * T;                                \
+            TYPE h[GROUP_ROTS];                                                                             \
+            BLK_BWD_CHUNKS(wvec_##SUFFIX, wvec_sum_##SUFFIX, 0, TW, WLANES_##SUFFIX, =, BLK_CP, BLK_SP, BLK_OPAQUE(cb))                 \
+            if (TW < T) BLK_BWD_CHUNKS(hvec_##SUFFIX, hvec_sum_##SUFFIX, TW, T, HW, +=, BLK_CP, BLK_SP, BLK_OPAQUE(cb))                 \
+            for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
         }                                                                                                   \
     }                                                                                                       \
     KAMA_WIDE static void wblk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,                \
                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
                                             double *restrict gacc) {                                        \
-        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
-        const int64_t TW = T - T % WLANES_##SUFFIX;                                                         \
-        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
-            const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
-            const int32_t *sl = b->slots + BLOCK * g;                                                       \
-            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
-            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
-            TYPE *pv[BLOCK], *pg[BLOCK];                                                                    \
-            for (int u = 0; u < BLOCK; ++u) { pv[u] = vb + (int64_t)sl[u] * T; pg[u] = gb + (int64_t)sl[u] * T; } \
-            TYPE h[GROUP_ROTS];                                                                             \
-            BLK_BWD_CHUNKS(wvec_##SUFFIX, wvec_sum_##SUFFIX, 0, TW, WLANES_##SUFFIX, =)                     \
-            if (TW < T) BLK_BWD_CHUNKS(hvec_##SUFFIX, hvec_sum_##SUFFIX, TW, T, HW, +=)                     \
-            for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
+        switch (T * 2 + (transpose != 0)) {                                                                 \
+            case 64: wblk_bwd_t_##SUFFIX(vb, gb, 32, b, cs, 0, gacc); break;                                \
+            case 65: wblk_bwd_t_##SUFFIX(vb, gb, 32, b, cs, 1, gacc); break;                                \
+            case 128: wblk_bwd_t_##SUFFIX(vb, gb, 64, b, cs, 0, gacc); break;                               \
+            case 129: wblk_bwd_t_##SUFFIX(vb, gb, 64, b, cs, 1, gacc); break;                               \
+            case 256: wblk_bwd_t_##SUFFIX(vb, gb, 128, b, cs, 0, gacc); break;                              \
+            case 257: wblk_bwd_t_##SUFFIX(vb, gb, 128, b, cs, 1, gacc); break;                              \
+            default: wblk_bwd_t_##SUFFIX(vb, gb, T, b, cs, transpose, gacc); break;                         \
         }                                                                                                   \
     }
 #define hvec_sum_f32 nvec_sum_f32
@@ -1751,7 +1785,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
 /* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
-#define KERNEL_VERSION 4
+#define KERNEL_VERSION 5
 
 PyMODINIT_FUNC PyInit__cgivens(void) {
     PyObject *m = PyModule_Create(&module);
