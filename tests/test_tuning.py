@@ -165,7 +165,7 @@ def test_results_do_not_depend_on_the_tile_width(monkeypatch, cols):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family", ["kac", "blocked"])
-@pytest.mark.parametrize("cols", [8, 16, 32, 128])
+@pytest.mark.parametrize("cols", [8, 16, 32, 64, 128])
 def test_512_bit_loops_agree_with_the_portable_ones(monkeypatch, dtype, family, cols):
     """Forward outputs and input gradients bitwise, angle gradients to rounding (their lanes sum in another order);
     on a core without AVX-512 both settings run the portable loops."""
