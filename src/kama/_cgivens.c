@@ -729,30 +729,30 @@ typedef struct kama_blocks {
     } while (0)
 
 /* the 12 butterfly rotations of a group, unrolled (the registers are named at compile time) */
-#define BLK_FWD_ALL(C, S) BLK_ROT(v[0], v[1], C(0), S(0)); BLK_ROT(v[2], v[3], C(1), S(1));                                 \
-    BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[0], v[2], C(4), S(4));                \
-    BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[5], v[7], C(7), S(7));                \
-    BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[2], v[6], C(10), S(10));              \
+#define BLK_FWD_ALL(C, S) BLK_ROT(v[0], v[1], C(0), S(0)); BLK_ROT(v[2], v[3], C(1), S(1));                         \
+    BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[0], v[2], C(4), S(4));              \
+    BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[5], v[7], C(7), S(7));              \
+    BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[2], v[6], C(10), S(10));            \
     BLK_ROT(v[3], v[7], C(11), S(11));
-#define BLK_FWD_REV(C, S) BLK_ROT(v[3], v[7], C(11), S(11)); BLK_ROT(v[2], v[6], C(10), S(10));                             \
-    BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[5], v[7], C(7), S(7));                \
-    BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[0], v[2], C(4), S(4));                \
-    BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[2], v[3], C(1), S(1));                \
+#define BLK_FWD_REV(C, S) BLK_ROT(v[3], v[7], C(11), S(11)); BLK_ROT(v[2], v[6], C(10), S(10));                     \
+    BLK_ROT(v[1], v[5], C(9), S(9)); BLK_ROT(v[0], v[4], C(8), S(8)); BLK_ROT(v[5], v[7], C(7), S(7));              \
+    BLK_ROT(v[4], v[6], C(6), S(6)); BLK_ROT(v[1], v[3], C(5), S(5)); BLK_ROT(v[0], v[2], C(4), S(4));              \
+    BLK_ROT(v[6], v[7], C(3), S(3)); BLK_ROT(v[4], v[5], C(2), S(2)); BLK_ROT(v[2], v[3], C(1), S(1));              \
     BLK_ROT(v[0], v[1], C(0), S(0));
-#define BLK_BWD_ALL(C, S) BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);                                            \
-    BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);     \
-    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);     \
-    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);     \
-    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);     \
-    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]);                                                            \
-    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                         \
+#define BLK_BWD_ALL(C, S) BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);                                    \
+    BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);   \
+    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);   \
+    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);   \
+    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);   \
+    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]);                                                          \
+    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                       \
     BLK_UNROT(v[3], v[7], w[3], w[7], C(11), S(11), acc[11]);
-#define BLK_BWD_REV(C, S) BLK_UNROT(v[3], v[7], w[3], w[7], C(11), S(11), acc[11]);                                         \
-    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                         \
-    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);     \
-    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);     \
-    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);     \
-    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);     \
+#define BLK_BWD_REV(C, S) BLK_UNROT(v[3], v[7], w[3], w[7], C(11), S(11), acc[11]);                                 \
+    BLK_UNROT(v[2], v[6], w[2], w[6], C(10), S(10), acc[10]);                                                       \
+    BLK_UNROT(v[1], v[5], w[1], w[5], C(9), S(9), acc[9]); BLK_UNROT(v[0], v[4], w[0], w[4], C(8), S(8), acc[8]);   \
+    BLK_UNROT(v[5], v[7], w[5], w[7], C(7), S(7), acc[7]); BLK_UNROT(v[4], v[6], w[4], w[6], C(6), S(6), acc[6]);   \
+    BLK_UNROT(v[1], v[3], w[1], w[3], C(5), S(5), acc[5]); BLK_UNROT(v[0], v[2], w[0], w[2], C(4), S(4), acc[4]);   \
+    BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);   \
     BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);
 
 /* the coefficient arrays C, S made visible to the row stores, so that every chunk broadcasts them from L1 at their
@@ -772,7 +772,7 @@ typedef struct kama_blocks {
     /* the groups of b on the (d, T) feature-major tile, T a multiple of VW, in 256-bit vectors: each chunk's  */ \
     /* 8 rows are loaded straight into registers (a memcpy into an array went through the stack, in halves on */ \
     /* AVX2-tuned builds, and stalled on store forwarding)                                                     */ \
-    static inline __attribute__((always_inline)) void blk_fwd_t_##SUFFIX(                                                        \
+    static inline __attribute__((always_inline)) void blk_fwd_t_##SUFFIX(                                           \
         TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, int transpose) { \
         const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
@@ -783,7 +783,7 @@ typedef struct kama_blocks {
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
             BLK_RELOAD(c, s);                                                                               \
-            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW, BLK_CA, BLK_SA, (void)0)                                                     \
+            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW, BLK_CA, BLK_SA, (void)0)                                        \
         }                                                                                                   \
     }                                                                                                       \
     KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
@@ -811,7 +811,7 @@ typedef struct kama_blocks {
             for (int u = 0; u < BLOCK; ++u) pv[u] = vb + (int64_t)sl[u] * T;                                \
             double h[GROUP_ROTS];                                                                           \
             BLK_RELOAD(c, s);                                                                               \
-            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =, BLK_CA, BLK_SA, (void)0)                              \
+            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =, BLK_CA, BLK_SA, (void)0)                 \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += h[q];                                      \
         }                                                                                                   \
     }                                                                                                       \
@@ -922,12 +922,12 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
                     s[q] = transpose ? -wvec_bcast_##SUFFIX(cs[2 * (r0 - q) + 1])                           \
                                      : wvec_bcast_##SUFFIX(cs[2 * (r0 - q) + 1]);                           \
                 }                                                                                           \
-                BLK_FWD_CHUNKS(wvec_##SUFFIX, 0, TW, WLANES_##SUFFIX, BLK_CA, BLK_SA, (void)0)                                   \
+                BLK_FWD_CHUNKS(wvec_##SUFFIX, 0, TW, WLANES_##SUFFIX, BLK_CA, BLK_SA, (void)0)                      \
             }                                                                                               \
             TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
             if (TW < T)                                                                                     \
                 for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
-            BLK_FWD_CHUNKS(hvec_##SUFFIX, TW, T, HW, BLK_CA, BLK_SA, (void)0)                                                    \
+            BLK_FWD_CHUNKS(hvec_##SUFFIX, TW, T, HW, BLK_CA, BLK_SA, (void)0)                                       \
         }                                                                                                   \
     }                                                                                                       \
     /* the common widths with T a constant (the chunk loop unrolled) */                                     \
@@ -955,8 +955,10 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
             TYPE *pv[BLOCK];                                                                                \
             for (int u = 0; u < BLOCK; ++u) pv[u] = vb + (int64_t)sl[u] * T;                                \
             TYPE h[GROUP_ROTS];                                                                             \
-            BLK_BWD_CHUNKS(wvec_##SUFFIX, wvec_sum_##SUFFIX, 0, TW, WLANES_##SUFFIX, =, BLK_CP, BLK_SP, BLK_OPAQUE(cb))                 \
-            if (TW < T) BLK_BWD_CHUNKS(hvec_##SUFFIX, hvec_sum_##SUFFIX, TW, T, HW, +=, BLK_CP, BLK_SP, BLK_OPAQUE(cb))                 \
+            BLK_BWD_CHUNKS(wvec_##SUFFIX, wvec_sum_##SUFFIX, 0, TW, WLANES_##SUFFIX, =, BLK_CP, BLK_SP,             \
+                           BLK_OPAQUE(cb))                                                                          \
+            if (TW < T)                                                                                             \
+                BLK_BWD_CHUNKS(hvec_##SUFFIX, hvec_sum_##SUFFIX, TW, T, HW, +=, BLK_CP, BLK_SP, BLK_OPAQUE(cb))     \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += (double)h[q];                              \
         }                                                                                                   \
     }                                                                                                       \
