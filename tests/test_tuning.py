@@ -134,6 +134,9 @@ def test_first_use_calibrates_once_and_later_processes_read_the_cache(tmp_path):
     again, _ = _run(tmp_path, KAMA_TUNING="calibrate")  # measured again, cache overwritten
     assert again["source"].startswith("calibrated")
     assert json.loads((tmp_path / "tuning.json").read_text())[key]["max_columns"] == again["max_columns"]
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    data[key].update(max_columns=32, prefetch=0)  # the environment's values equal the cached ones: still its choice
+    (tmp_path / "tuning.json").write_text(json.dumps(data))
     env, _ = _run(tmp_path, KAMA_TUNING="auto", KAMA_TILE_COLUMNS="32", KAMA_PREFETCH="0")
     assert env["max_columns"] == 32 and env["prefetch"] == 0 and env["source"] == "environment"
     (tmp_path / "tuning.json").write_text("not json")  # a damaged cache is measured again
@@ -146,6 +149,11 @@ def test_defaults_mode_and_bad_settings(tmp_path):
     assert got["source"] == "defaults" and not (tmp_path / "tuning.json").exists()
     got, err = _run(tmp_path, KAMA_TUNING="sometimes", KAMA_TILE_COLUMNS="48")
     assert "KAMA_TUNING='sometimes'" in err and "max_columns must be a power of two" in err
+    got, _ = _run(tmp_path, KAMA_TUNING="defaults", KAMA_TILE_COLUMNS="48")
+    assert got["source"] == "defaults"  # a rejected setting fixes nothing
+    same = str(tuning.DEFAULTS.max_columns)  # a setting equal to the value in effect is still the user's choice
+    got, _ = _run(tmp_path, KAMA_TUNING="defaults", KAMA_TILE_COLUMNS=same)
+    assert got["source"] == "environment" and got["max_columns"] == tuning.DEFAULTS.max_columns
 
 
 @needs_kernel

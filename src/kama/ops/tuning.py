@@ -284,26 +284,41 @@ def calibrate(timer: Callable[[list[Any], Callable[[Any], None]], Any] | None = 
         torch.set_num_threads(old_threads)
 
 
+_VARIABLES = {"tile_budget_bytes": "KAMA_TILE_BYTES", "max_columns": "KAMA_TILE_COLUMNS", "prefetch": "KAMA_PREFETCH",
+              "blocked_columns": "KAMA_BLOCKED_COLUMNS", "vector_bits": "KAMA_VECTOR_BITS",
+              "blocked_vector_bits": "KAMA_VECTOR_BITS"}
+_MINIMUMS = {"tile_budget_bytes": 1024, "max_columns": 1, "prefetch": 0, "blocked_columns": 8, "vector_bits": 1,
+             "blocked_vector_bits": 1}
+
+
+def _given(variable: str, minimum: int) -> bool:
+    """Whether the environment sets ``variable`` to an integer ``>= minimum`` (a value :func:`env_int` takes)."""
+    try:
+        return int(os.environ.get(variable, "").strip()) >= minimum
+    except ValueError:
+        return False
+
+
 def _with_environment(t: Tuning) -> Tuning:
-    env = {"tile_budget_bytes": env_int("KAMA_TILE_BYTES", t.tile_budget_bytes, minimum=1024),
-           "max_columns": env_int("KAMA_TILE_COLUMNS", t.max_columns, minimum=1),
-           "prefetch": env_int("KAMA_PREFETCH", t.prefetch, minimum=0),
-           "blocked_columns": env_int("KAMA_BLOCKED_COLUMNS", t.blocked_columns, minimum=8),
-           "vector_bits": env_int("KAMA_VECTOR_BITS", t.vector_bits, minimum=1),
-           "blocked_vector_bits": env_int("KAMA_VECTOR_BITS", t.blocked_vector_bits, minimum=1)}
+    env = {name: env_int(var, getattr(t, name), minimum=_MINIMUMS[name]) for name, var in _VARIABLES.items()}
+    rejected: set[str] = set()
     for name in ("vector_bits", "blocked_vector_bits"):
         if env[name] not in (256, 512):
             warnings.warn(f"kama: {name} must be 256 or 512, got {env[name]}; using {getattr(t, name)}",
                           RuntimeWarning, stacklevel=3)
             env[name] = getattr(t, name)
+            rejected.add(name)
     for name in ("max_columns", "blocked_columns"):
         v = env[name]
         if v & (v - 1) or v > 128:
             warnings.warn(f"kama: {name} must be a power of two <= 128, got {v}; using {getattr(t, name)}",
                           RuntimeWarning, stacklevel=3)
             env[name] = getattr(t, name)
-    changed = {k: v for k, v in env.items() if v != getattr(t, k)}
-    return replace(t, **changed, source="environment") if changed else t
+            rejected.add(name)
+    # a setting the environment fixes marks the source even where it equals the measured value: the user chose it
+    fixed = {k: v for k, v in env.items()
+             if v != getattr(t, k) or (k not in rejected and _given(_VARIABLES[k], _MINIMUMS[k]))}
+    return replace(t, **fixed, source="environment") if fixed else t
 
 
 _CURRENT: Tuning | None = None
