@@ -194,6 +194,17 @@ def test_report_from_study_folders(tmp_path):
     assert "| ppo | unstructured (VecNormalize) | 1 | 1.000 |" in text and "| ppo | unstructured | 1 | 1.000 |" in text
 
 
+def test_ablation_figures_compare_only_what_varies():
+    from kama.experiments.rl_policies import _compared
+
+    keys = [("Hopper", "ppo", "kama", 10, False), ("Hopper", "ppo", "kama", 200, False),
+            ("Hopper", "ppo", "kama", 200, True), ("Hopper", "ppo", "mlp", 200, False),
+            ("Swimmer", "ppo", "kama", 200, False), ("Swimmer", "trpo", "kama", 100, True)]
+    groups = {k: [] for k in keys}
+    assert set(_compared(groups, "rotations")) == {keys[0], keys[1]}  # Swimmer ran one K; planes apart
+    assert set(_compared(groups, "planes")) == {keys[1], keys[2]}  # only K = 200 on Hopper ran both
+
+
 def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys):
     study = load_study_config(TINY)
     folders = run_study(study, tmp_path, workers=1, progress=False)

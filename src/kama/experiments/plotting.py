@@ -53,6 +53,6 @@ def plot_curves(groups: dict[tuple, list[tuple[Any, Any]]], path: Path, title: s
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.25 / (4 * nrow)))  # the title's band stays clear of the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -176,6 +176,21 @@ def run(cfg: RLConfig, ctx: RunContext) -> str:
     return text + f"\n\nConfig: `{asdict(cfg)}`"
 
 
+def _compared(groups: dict[tuple, Any], what: Literal["rotations", "planes"]) -> dict[tuple, Any]:
+    """The KAMA curve groups (keys ``(task, algo, variant, K, learn_planes)``) an ablation figure compares: for
+    ``"rotations"`` the random-plane groups of a ``(task, algo, variant)`` run at more than one K; for ``"planes"``
+    the groups whose ``(task, algo, variant, K)`` ran with both learned and random planes. Panels with nothing to
+    compare are left out of the figure."""
+    kama = {k: v for k, v in groups.items() if k[2].startswith("kama")}
+    if what == "rotations":
+        ks: dict[tuple, set[int]] = {}
+        for k in kama:
+            if not k[4]:
+                ks.setdefault(k[:3], set()).add(k[3])
+        return {k: v for k, v in kama.items() if not k[4] and len(ks[k[:3]]) > 1}
+    return {k: v for k, v in kama.items() if (*k[:4], not k[4]) in kama}
+
+
 def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK, link_prefix: str = "") -> str:
     """Figures, CSVs and a Markdown summary of finished runs of one or more studies (no training).
 
@@ -219,14 +234,14 @@ def report(studies: list[tuple[Any, Path]], out_dir: Path, cfg: RLConfig = QUICK
     if damaged:
         extra += ["Left out as damaged or made with another config (rerun the study to redo them):", ""]
         extra += [f"- {line}" for line in damaged] + [""]
-    abl = {k: v for k, v in groups.items() if k[2].startswith("kama") and not k[4]}
-    if len({k[3] for k in abl}) > 1:
+    abl = _compared(groups, "rotations")
+    if abl:
         many = len({k[2] for k in abl}) > 1
         plot_curves(abl, out_dir / "k_ablation.png", "Figure 5: number of rotations K",
                     lambda k: (f"{_label(k[2])}, " if many else "") + f"K = {k[3]}")
         extra += [f"![K ablation]({link_prefix}k_ablation.png)", ""]
-    pl = {k: v for k, v in groups.items() if k[2].startswith("kama")}
-    if len({k[4] for k in pl}) > 1:
+    pl = _compared(groups, "planes")
+    if pl:
         plot_curves(pl, out_dir / "planes.png", "Section 6.3: learned vs random planes",
                      lambda k: ("learned" if k[4] else "random") + f" planes, K = {k[3]}"
                      + (f" ({_label(k[2])})" if len({q[2] for q in pl}) > 1 else ""))
