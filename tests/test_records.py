@@ -21,6 +21,7 @@ from kama.records import (
     check_manifest,
     content_hash,
     file_manifest,
+    provenance,
 )
 
 TINY = ["--only", "capacity", "--set", "capacity.walks=200", "--set", "capacity.dims=[8]",
@@ -33,6 +34,14 @@ def _run(out, *extra: str) -> int:
 
 def _csv_rows(path) -> int:
     return len(path.read_text().splitlines()) - 1
+
+
+def test_provenance_names_the_cpu():
+    from kama.ops.machine import describe
+
+    prov = provenance()
+    assert prov["cpu"] == describe().summary() and describe().model in prov["cpu"]
+    assert {"kama_version", "git_commit", "torch", "python", "machine", "cpus", "time_utc"} <= set(prov)
 
 
 def test_truncated_or_garbage_outputs_are_recomputed(tmp_path):

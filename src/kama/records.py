@@ -96,8 +96,10 @@ def git_commit() -> str:
 
 
 def provenance() -> dict[str, Any]:
-    """Package version, git commit, torch version, machine and time, stored beside every result."""
+    """Package version, git commit, torch version, machine (with the CPU model, its caches and SIMD level: results
+    are repeatable bit for bit only on the same code and core) and time, stored beside every result."""
     from . import __version__
+    from .ops.machine import describe
 
     try:
         import torch
@@ -112,6 +114,7 @@ def provenance() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": os.cpu_count(),
+        "cpu": describe().summary(),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
