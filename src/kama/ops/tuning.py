@@ -316,8 +316,7 @@ def _with_environment(t: Tuning) -> Tuning:
             env[name] = getattr(t, name)
             rejected.add(name)
     # a setting the environment fixes marks the source even where it equals the measured value: the user chose it
-    fixed = {k: v for k, v in env.items()
-             if v != getattr(t, k) or (k not in rejected and _given(_VARIABLES[k], _MINIMUMS[k]))}
+    fixed = {k: v for k, v in env.items() if k not in rejected and _given(_VARIABLES[k], _MINIMUMS[k])}
     return replace(t, **fixed, source="environment") if fixed else t
 
 
