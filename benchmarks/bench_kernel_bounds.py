@@ -9,7 +9,9 @@ For a tile of ``d`` rows of ``T`` batch columns (float32), times per *rotation-v
 one 256-bit vector) of the production loop (2 loads, 2 stores, 2 multiplies and 2 FMAs) and of variants that keep
 one part of it: loads only, stores only, the arithmetic only (registers), the loop on disjoint rows (no
 store-to-load dependence) and the register-blocked groups (16 memory operations per 12 rotations), and the walk and
-the groups with 512-bit vectors (``walk512``, ``blocked512``: the kernel's wide loops; tiles of 16 columns or more).
+the groups with 512-bit vectors (``walk512``, ``blocked512``: the kernel's wide loops; tiles of 16 columns or more),
+groups of 16 coordinates in four butterfly rounds (``blocked16``: 32 memory operations per 32 rotations, 512-bit) and
+the arithmetic alone at 512 bits (``fp_only512``: the wide loops' FP bound at the clock the core keeps under them).
 A chain of dependent adds estimates the clock; the table states every variant as a multiple of the arithmetic-only
 one, which does not depend on the clock. The variant closest to the full loop names its bound (``docs/cpu-kernel.md``).
 """
@@ -27,7 +29,8 @@ import _bench
 from _bench import provenance_lines, write_section
 
 PROBE = Path(__file__).resolve().parent / "probes" / "kernel_bounds.c"
-VARIANTS = ("walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512")
+VARIANTS = ("walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512", "blocked16",
+            "fp_only512")
 
 
 def run(dims: list[int], tiles: list[int], reps: int) -> list[dict]:
@@ -75,14 +78,14 @@ def main() -> None:
              f"{rows[0]['clock_ghz']:.2f} GHz (the highest reading of a dependent-add chain; a shared machine's "
              "readings vary). 48 flops per rotation-vector: GFLOP/s = 48 / ns.", "",
              "| d | T | tile KiB | fp_only ns | fp_only cycles | " + " | ".join(f"{v} / fp" for v in others)
-             + " | walk GFLOP/s | blocked GFLOP/s | walk512 GFLOP/s | blocked512 GFLOP/s |",
-             "|---|---|---|---|---|" + "---|" * (len(others) + 4)]
+             + " | walk GFLOP/s | blocked GFLOP/s | walk512 GFLOP/s | blocked512 GFLOP/s | blocked16 GFLOP/s |",
+             "|---|---|---|---|---|" + "---|" * (len(others) + 5)]
     for r in rows:
         fp = r["fp_only_ns"]
         lines.append(f"| {r['d']} | {r['T']} | {r['tile_kib']:.0f} | {fp:.3f} | {fp * r['clock_ghz']:.2f} | "
                      + " | ".join(f"{r[f'{v}_ns'] / fp:.2f}" if r[f"{v}_ns"] > 0 else "-" for v in others)
                      + f" | {48 / r['walk_ns']:.1f} | {48 / r['blocked_ns']:.1f} | {_gflops(r['walk512_ns'])} | "
-                     f"{_gflops(r['blocked512_ns'])} |")
+                     f"{_gflops(r['blocked512_ns'])} | {_gflops(r['blocked16_ns'])} |")
     write_section(args.write, "bench_kernel_bounds", lines)
     print(_bench.machine().summary())
 

@@ -123,6 +123,36 @@ __attribute__((noinline)) void blocked512(float *restrict buf, const int32_t *re
         }
     }
 }
+/* the arithmetic only with 512-bit vectors (16 columns per operation): the FP pipes' bound of the wide loops at
+ * the clock the core keeps while running them (some cores lower it under 512-bit FMAs) */
+__attribute__((noinline)) float fp_only512(const float *restrict cs, int64_t k) {
+    vw x[8], y[8];
+    for (int u = 0; u < 8; ++u) for (int l = 0; l < 16; ++l) { x[u][l] = 1.0f + u + l; y[u][l] = 0.5f * u - l; }
+    for (int64_t r = 0; r < k; ++r) {
+        const float c = cs[2 * r], s = cs[2 * r + 1];
+        for (int u = 0; u < 8; ++u) { vw t = x[u]; x[u] = c * t - s * y[u]; y[u] = s * t + c * y[u]; }
+    }
+    float z = 0; for (int u = 0; u < 8; ++u) z += x[u][0] + y[u][15]; return z;
+}
+/* 16-coordinate groups with 512-bit vectors: 16 rows of one 16-column chunk in registers, 32 rotations (four
+ * butterfly rounds), 32 memory operations per 32 rotations (the 8-coordinate groups: 16 per 12) */
+#define ROUNDS16 \
+    ROTW(v[0], v[1], q[0], q[1]) ROTW(v[2], v[3], q[2], q[3]) ROTW(v[4], v[5], q[4], q[5]) ROTW(v[6], v[7], q[6], q[7]) ROTW(v[8], v[9], q[8], q[9]) ROTW(v[10], v[11], q[10], q[11]) ROTW(v[12], v[13], q[12], q[13]) ROTW(v[14], v[15], q[14], q[15]) \
+    ROTW(v[0], v[2], q[16], q[17]) ROTW(v[1], v[3], q[18], q[19]) ROTW(v[4], v[6], q[20], q[21]) ROTW(v[5], v[7], q[22], q[23]) ROTW(v[8], v[10], q[24], q[25]) ROTW(v[9], v[11], q[26], q[27]) ROTW(v[12], v[14], q[28], q[29]) ROTW(v[13], v[15], q[30], q[31]) \
+    ROTW(v[0], v[4], q[32], q[33]) ROTW(v[1], v[5], q[34], q[35]) ROTW(v[2], v[6], q[36], q[37]) ROTW(v[3], v[7], q[38], q[39]) ROTW(v[8], v[12], q[40], q[41]) ROTW(v[9], v[13], q[42], q[43]) ROTW(v[10], v[14], q[44], q[45]) ROTW(v[11], v[15], q[46], q[47]) \
+    ROTW(v[0], v[8], q[48], q[49]) ROTW(v[1], v[9], q[50], q[51]) ROTW(v[2], v[10], q[52], q[53]) ROTW(v[3], v[11], q[54], q[55]) ROTW(v[4], v[12], q[56], q[57]) ROTW(v[5], v[13], q[58], q[59]) ROTW(v[6], v[14], q[60], q[61]) ROTW(v[7], v[15], q[62], q[63])
+__attribute__((noinline)) void blocked16(float *restrict buf, const int32_t *restrict slots, const float *restrict cs, int64_t groups) {
+    for (int64_t g = 0; g < groups; ++g) {
+        const int32_t *sl = slots + 16 * g;
+        float *p[16]; for (int u = 0; u < 16; ++u) p[u] = buf + (int64_t)sl[u] * T;
+        for (int t = 0; t + 16 <= T; t += 16) {
+            const float *q = cs + 64 * g;
+            vw v[16]; for (int u = 0; u < 16; ++u) v[u] = *(const vw *)(p[u] + t);
+            ROUNDS16
+            for (int u = 0; u < 16; ++u) *(vw *)(p[u] + t) = v[u];
+        }
+    }
+}
 __attribute__((noinline)) uint64_t clock_chain(uint64_t n) {
     uint64_t x = 1;
     for (uint64_t i = 0; i < n; ++i) __asm__ volatile("add $1, %0" : "+r"(x));
@@ -134,7 +164,9 @@ int main(int argc, char **argv) {
     int64_t groups = (int64_t)ceil(5.0 * d * log((double)d)) / 12, k = 12 * groups;
     float *buf = aligned_alloc(64, (size_t)(d * T) * sizeof(float));
     for (int64_t i = 0; i < d * T; ++i) buf[i] = (float)rand() / RAND_MAX - 0.5f;
+    const int64_t groups16 = k / 32;
     int32_t *ij = malloc((size_t)k * 8), *slots = malloc((size_t)groups * 32), *perm = malloc((size_t)d * 4);
+    int32_t *slots16 = malloc((size_t)groups16 * 64);
     float *cs = malloc((size_t)k * 8);
     for (int64_t r = 0; r < k; ++r) {
         int i = rand() % d, j = rand() % (d - 1); if (j >= i) ++j;
@@ -147,8 +179,15 @@ int main(int argc, char **argv) {
         }
         for (int u = 0; u < 8; ++u) slots[8 * g + u] = perm[8 * (g % (d / 8)) + u];
     }
+    for (int64_t g = 0; g < groups16; ++g) {
+        if (g % (d / 16) == 0) {
+            for (int i = 0; i < d; ++i) perm[i] = i;
+            for (int i = d - 1; i > 0; --i) { int j = rand() % (i + 1), t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
+        }
+        for (int u = 0; u < 16; ++u) slots16[16 * g + u] = perm[16 * (g % (d / 16)) + u];
+    }
     const double rv = (double)k * (T / 8);  /* rotation-vectors per pass */
-    double best[9] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
+    double best[11] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
     volatile float sink = 0;
     for (int rep = 0; rep < reps; ++rep) {
         double t0 = now(); walk(buf, ij, cs, k);
@@ -163,14 +202,20 @@ int main(int argc, char **argv) {
         double t8 = now();
         if (WIDE) blocked512(buf, slots, cs, groups);
         double t9 = now();
-        double dt[9] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8};
-        for (int v = 0; v < 9; ++v) best[v] = dt[v] < best[v] ? dt[v] : best[v];
+        if (WIDE) blocked16(buf, slots16, cs, groups16);
+        double t10 = now();
+        if (WIDE) sink += fp_only512(cs, k * (T / 8) / 16);
+        double t11 = now();
+        double dt[11] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8,
+                         (t10 - t9) * k / (32.0 * groups16), t11 - t10};
+        for (int v = 0; v < 11; ++v) best[v] = dt[v] < best[v] ? dt[v] : best[v];
     }
     const double ghz = 100000000 / best[6] * 1e-9;
-    const char *names[8] = {"walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512"};
-    const int slot[8] = {0, 1, 2, 3, 4, 5, 7, 8};
+    const char *names[10] = {"walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512",
+                             "blocked16", "fp_only512"};
+    const int slot[10] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10};
     printf("{\"d\": %ld, \"T\": %d, \"tile_kib\": %.0f, \"ghz\": %.3f", d, T, d * T * 4 / 1024.0, ghz);
-    for (int v = 0; v < 8; ++v) printf(", \"%s_ns\": %.4f", names[v], WIDE || v < 6 ? best[slot[v]] / rv * 1e9 : 0.0);
+    for (int v = 0; v < 10; ++v) printf(", \"%s_ns\": %.4f", names[v], WIDE || v < 6 ? best[slot[v]] / rv * 1e9 : 0.0);
     printf("}\n");
     return (int)(sink == 12345.0f);
 }
