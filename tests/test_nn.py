@@ -337,6 +337,37 @@ def test_inference_cache_follows_every_write_including_data():
         torch.testing.assert_close(clone(x), layer(x))
 
 
+def test_inference_cache_follows_the_angle_gain_and_serves_small_calls():
+    """The materialized weight is keyed on ``angle_gain`` too (a changed gain, or a checkpoint loaded with another
+    gain and the same angles, once served the old weight), and the next call finds it with one check of planes,
+    angles, scalars, gain and batch size."""
+    layer = KamaLinear(16, 16, num_rotations=40, generator=gen(2))
+    x = torch.randn(4096, 16)
+
+    def fresh():
+        return kama.givens_apply(x, layer.pairs, layer.rotation_angles(), backend="reference") * layer.scale \
+            + layer.bias
+
+    with torch.no_grad():
+        before = layer(x)
+        layer.angle_gain = 2.0
+        torch.testing.assert_close(layer(x), fresh(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(layer(x), before)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["angle_gain"] = torch.tensor(1.0, dtype=torch.float64)
+        layer.load_state_dict(state)  # the same angles, another gain
+        torch.testing.assert_close(layer(x), before)
+        cache, n_rows = layer._cache, x.shape[0]
+        w = cache.current_weight(layer.pairs, layer.angles, layer.scale, n_rows, layer.angle_gain)
+        assert w is not None and w is cache.weight[-1]  # the last call's weight, found without re-planning
+        assert cache.current_weight(layer.pairs, layer.angles, layer.scale, n_rows, 3.0) is None
+        assert cache.current_weight(layer.pairs, layer.angles, layer.scale, n_rows + 1, layer.angle_gain) is None
+        assert cache.current_weight(layer.pairs.flip(0), layer.angles, layer.scale, n_rows, layer.angle_gain) is None
+        assert cache.current_weight(layer.pairs, layer.angles + 1, layer.scale, n_rows, layer.angle_gain) is None
+        assert cache.current_weight(layer.pairs, layer.angles, layer.scale * 2, n_rows, layer.angle_gain) is None
+        assert cache.current_weight(layer.pairs, layer.angles.double(), layer.scale, n_rows, layer.angle_gain) is None
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (3, 7), (6, 6)])
 def test_kama_to_dense_backends_agree(shape):
     layer = KamaLinear(*shape, num_rotations=15, generator=gen(1))

@@ -235,13 +235,14 @@ def linear_backward(g: torch.Tensor, rotated: torch.Tensor, x: torch.Tensor, ang
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` hold the same values: one ``memcmp`` for contiguous CPU tensors of one dtype and shape
-    (equal bytes imply equal values; ``-0.0`` against ``0.0`` is a miss, never a wrong hit), else ``torch.equal``."""
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+    """Whether ``a`` and ``b`` hold the same values in one dtype, shape and device: one ``memcmp`` for contiguous CPU
+    tensors from :data:`SAME_BYTES_MIN_ELEMENTS` elements on (equal bytes imply equal values; ``-0.0`` against
+    ``0.0`` is a miss, never a wrong hit), else ``torch.equal`` (which compares shapes itself)."""
+    if a.dtype is not b.dtype or a.device != b.device:
         return False
     if _cgivens is not None and a.numel() >= SAME_BYTES_MIN_ELEMENTS and a.is_cpu and a.is_contiguous() \
             and b.is_contiguous() and a.dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
-        return bool(_cgivens.same_bytes(a, b))
+        return a.shape == b.shape and bool(_cgivens.same_bytes(a, b))
     return torch.equal(a, b)
 
 

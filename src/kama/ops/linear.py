@@ -89,7 +89,7 @@ class LinearCache:
             keep their values, compared each call, so writes through ``.data`` are seen).
         fused: ``(n_rows, plan, bool)``: whether the compiled kernel's walk wins for that batch size.
         dense: ``(n_rows, device, bool)``: whether the materialized weight's GEMM wins (no gradient).
-        weight: ``(angles, scale, plan, W)``: the materialized weight for those values.
+        weight: ``(angles, scale, angle_gain, plan, W)``: the materialized weight for those values.
     """
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ class LinearCache:
         self.plan: GivensPlan | None = None
         self.fused: tuple[int, GivensPlan, bool] | None = None
         self.dense: tuple[int, torch.device, bool] | None = None
-        self.weight: tuple[torch.Tensor, torch.Tensor, GivensPlan, torch.Tensor] | None = None
+        self.weight: tuple[torch.Tensor, torch.Tensor, float, GivensPlan, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
         return {}
@@ -136,17 +136,35 @@ class LinearCache:
 
     def weight_for(self, plan: GivensPlan, angles: torch.Tensor, scale: torch.Tensor, in_features: int,
                    out_features: int, angle_gain: float) -> torch.Tensor:
-        """The materialized weight, reused while angles and scalars keep their values (compared by value:
-        optimizers and ``.data`` writes both change them) and the plan is the same object."""
+        """The materialized weight, reused while angles, scalars and ``angle_gain`` keep their values (compared by
+        value: optimizers and ``.data`` writes both change them) and the plan is the same object."""
         hit = self.weight
         if hit is not None:
-            ca, cs, cplan, w = hit
-            if cplan is plan and cpu.same_values(ca, angles) and cpu.same_values(cs, scale):
+            ca, cs, gain, cplan, w = hit
+            if cplan is plan and gain == angle_gain and cpu.same_values(ca, angles) and cpu.same_values(cs, scale):
                 return w
         with torch.no_grad():
             w = kama_weight(plan, angles, scale, in_features, out_features, angle_gain=angle_gain, backend="auto")
-        self.weight = (angles.detach().clone(), scale.detach().clone(), plan, w)
+        self.weight = (angles.detach().clone(), scale.detach().clone(), angle_gain, plan, w)
         return w
+
+    def current_weight(self, pairs: torch.Tensor | GivensPlan, angles: torch.Tensor, scale: torch.Tensor,
+                       n_rows: int, angle_gain: float) -> torch.Tensor | None:
+        """The weight of the last call if it is still the layer's and the GEMM won for ``n_rows`` rows, else
+        ``None``: the checks of :meth:`plan_of`, :meth:`dense_wins` and :meth:`weight_for` in one place, so that
+        a small no-gradient call (a policy step) pays three comparisons and one ``F.linear``."""
+        hit, dense = self.weight, self.dense
+        if hit is None or dense is None or dense[0] != n_rows or not dense[2]:
+            return None
+        ca, cs, gain, plan, w = hit
+        if gain != angle_gain or dense[1] != angles.device:
+            return None
+        if isinstance(pairs, GivensPlan):
+            if pairs is not plan:
+                return None
+        elif plan is not self.plan or self.pairs is None or not cpu.same_values(self.pairs, pairs):
+            return None
+        return w if cpu.same_values(ca, angles) and cpu.same_values(cs, scale) else None
 
 
 def kama_linear(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch.Tensor, scale: torch.Tensor,
@@ -196,11 +214,16 @@ def kama_linear(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch
     if torch.compiler.is_compiling():  # the registered op between the compiler's own pad / scale / bias ops
         y = givens_apply(pad_input(x, scale, out_features, n), pairs, rotation_angles(angles, angle_gain))
         return finish_output(y, scale, bias, in_features, out_features)
-    plan = cache.plan_of(pairs, n) if cache is not None and not isinstance(pairs, GivensPlan) else as_plan(pairs, n)
     n_rows = x.numel() // in_features if in_features else 0
-    if cache is not None and not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad)):
-        if cache.dense_wins(n_rows, in_features, out_features, plan.num_rotations, angles.device):
-            return F.linear(x, cache.weight_for(plan, angles, scale, in_features, out_features, angle_gain), bias)
+    no_grad = not (torch.is_grad_enabled() and (angles.requires_grad or scale.requires_grad))
+    if cache is not None and no_grad:
+        w = cache.current_weight(pairs, angles, scale, n_rows, angle_gain)
+        if w is not None:
+            return F.linear(x, w, bias)
+    plan = cache.plan_of(pairs, n) if cache is not None and not isinstance(pairs, GivensPlan) else as_plan(pairs, n)
+    if cache is not None and no_grad and cache.dense_wins(n_rows, in_features, out_features, plan.num_rotations,
+                                                          angles.device):
+        return F.linear(x, cache.weight_for(plan, angles, scale, in_features, out_features, angle_gain), bias)
     if x.is_cpu and x.dtype == angles.dtype and (
             cache.fused_wins(n_rows, plan) if cache is not None else
             cpu.available() and choose_backend(n_rows, plan.d, plan) == "cpu"):
