@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from kama.records import (
     check_manifest,
     content_hash,
     file_manifest,
+    git_commit,
     provenance,
 )
 
@@ -42,6 +44,31 @@ def test_provenance_names_the_cpu():
     prov = provenance()
     assert prov["cpu"] == describe().summary() and describe().model in prov["cpu"]
     assert {"kama_version", "git_commit", "torch", "python", "machine", "cpus", "time_utc"} <= set(prov)
+
+
+def test_git_commit_is_the_codes_not_the_working_directorys(tmp_path, monkeypatch):
+    """A study run from another checkout (say, with a worktree's code) records the commit of the code that ran."""
+    import shutil
+
+    import kama
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    here = Path(kama.__file__).resolve().parent
+    code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *cmd], cwd=other, check=True, env={**os.environ, **env})
+    theirs = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(other)
+    got = git_commit()
+    assert not got.startswith(theirs)
+    if code.returncode == 0:  # an editable install: the checkout of the package
+        assert got.removesuffix("+dirty") == code.stdout.strip()
+    else:  # an installed copy: no commit to name
+        assert got == "unknown"
 
 
 def test_truncated_or_garbage_outputs_are_recomputed(tmp_path):

@@ -80,19 +80,20 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def git_commit() -> str:
-    """The git commit of the working directory's repository, or of the package's, with ``+dirty`` if so."""
-    for cwd in (Path.cwd(), Path(__file__).resolve().parent):
-        try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                  timeout=10)
-            if head.returncode != 0:
-                continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                   capture_output=True, text=True, timeout=10)
-            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return "unknown"
+    """The git commit of the checkout this package's code runs from (an editable install), with ``+dirty`` if its
+    tracked files differ from the commit; ``"unknown"`` for an installed copy. The working directory is never
+    asked: a study run from one checkout with the code of another (a worktree of an older commit) must record the
+    code's commit."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def provenance() -> dict[str, Any]:
