@@ -190,8 +190,8 @@ def _rl(args: argparse.Namespace) -> int:
 
         try:
             studies = [(load_study_config(Path(d) / "study.json"), Path(d)) for d in args.study]
+            prov = provenance()  # before the report rewrites its own files: a clean tree stays clean
             body = report(studies, Path(args.out))
-            prov = provenance()
             head = (f"# RL study report\n\nFrom {', '.join(args.study)}; generated {prov['time_utc']} at commit "
                     f"`{prov['git_commit']}` (kama {prov['kama_version']}).\n\n")
             atomic_write_text(Path(args.out) / "report.md", head + body + "\n")
