@@ -191,6 +191,46 @@ def test_kama_linear_gradcheck_and_gradgradcheck(shape, batch):
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("batch", [8, 64])  # < n: the recorded walk; >= n: the product of layer matrices
+def test_recorded_backward_one_parameter_at_a_time_shares_one_recomputation(batch, monkeypatch):
+    """sb3-contrib's TRPO takes the KL's gradient one parameter at a time (``create_graph=True``), then
+    Hessian-vector products of the concatenation. Those gradients and products equal the ones of a single call,
+    and each layer's recomputation is built once for all of them (it was built once per call)."""
+    from kama.ops import linear as L
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(KamaLinear(11, 32, num_rotations=60, dtype=torch.float64, generator=gen(3)),
+                              torch.nn.Tanh(),
+                              KamaLinear(32, 3, num_rotations=60, dtype=torch.float64, generator=gen(4)))
+    x = torch.randn(batch, 11, dtype=torch.float64)
+    params = list(net.parameters())
+    calls = {"n": 0}
+    layered, walk = L.layered_matrix, L.reference_linear
+
+    def count(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(L, "layered_matrix", count(layered))
+    monkeypatch.setattr(L, "reference_linear", count(walk))
+    loss = (net(x) ** 2).sum()
+    one_by_one = [torch.autograd.grad(loss, p, create_graph=True, retain_graph=True)[0] for p in params]
+    assert calls["n"] == 2  # one recomputation per layer, for all six parameters
+    at_once = torch.autograd.grad((net(x) ** 2).sum(), params, create_graph=True)
+    for a, b in zip(one_by_one, at_once, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    flat_a = torch.cat([g.reshape(-1) for g in one_by_one])
+    flat_b = torch.cat([g.reshape(-1) for g in at_once])
+    for _ in range(2):  # repeated products walk the shared graph again
+        hvp_a = torch.autograd.grad(flat_a @ v, params, retain_graph=True)
+        hvp_b = torch.autograd.grad(flat_b @ v, params, retain_graph=True)
+        for a, b in zip(hvp_a, hvp_b, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
 def test_kama_initial_scale_matches_nn_linear(shape):
     i, o = shape

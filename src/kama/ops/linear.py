@@ -18,6 +18,8 @@ values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
@@ -255,6 +257,20 @@ def _low_precision(x: torch.Tensor, angles: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in _LOW else None
 
 
+def _engine_uses(ctx: Any, index: int) -> bool:
+    """Whether the backward pass now running uses the gradient of the node's input ``index``: ``autograd.grad``
+    with ``inputs`` asks for some only (sb3-contrib's TRPO takes the KL's gradient one parameter at a time, so a
+    recorded backward that built every input's gradient built three to four times the graph its Hessian-vector
+    products then walk). ``True`` where torch cannot say."""
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or called outside the engine
+        return True
+
+
 class _KamaLinearFunction(torch.autograd.Function):
     """KamaLinear's forward in one autograd node over the compiled kernel (CPU).
 
@@ -289,18 +305,23 @@ class _KamaLinearFunction(torch.autograd.Function):
         y_rot, plan, out_features, gain = ctx.y_rot, ctx.plan, ctx.out_features, ctx.gain
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
             inputs = (x, angles, scale, bias)
-            want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+            want = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad and _engine_uses(ctx, i)]
             result: list[torch.Tensor | None] = [None] * 4
             with torch.enable_grad():
                 # A recorded walk over the batch costs many graph nodes per layer of rotations; when the batch is
                 # at least n rows (TRPO's Hessian-vector products over a whole rollout) the recorded graph is the
-                # weight as a product of the plan's layer matrices (a few batched GEMMs) plus one GEMM.
-                rot = rotation_angles(angles, gain)
-                if x.shape[0] >= plan.d:
-                    out = F.linear(x, weight_from_matrix(layered_matrix(plan, rot), scale, x.shape[1],
-                                                         out_features), bias)
-                else:
-                    out = reference_linear(x, rot, scale, bias, plan, out_features)
+                # weight as a product of the plan's layer matrices (a few batched GEMMs) plus one GEMM. The
+                # recomputation is kept on the node: every recorded backward through it (TRPO takes one per
+                # parameter) then shares one graph, which a Hessian-vector product walks once, not once per call.
+                out = getattr(ctx, "recorded", None)
+                if out is None:
+                    rot = rotation_angles(angles, gain)
+                    if x.shape[0] >= plan.d:
+                        out = F.linear(x, weight_from_matrix(layered_matrix(plan, rot), scale, x.shape[1],
+                                                             out_features), bias)
+                    else:
+                        out = reference_linear(x, rot, scale, bias, plan, out_features)
+                    ctx.recorded = out
                 if want:
                     grads = torch.autograd.grad(out, [inputs[i] for i in want], g, create_graph=True,
                                                 allow_unused=True)
