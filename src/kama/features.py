@@ -293,19 +293,25 @@ class BlockedKamaMatrix(RandomMatrix):
         self.plans: list[GivensPlan] = []
         self.angles: list[torch.Tensor] = []
         scales = []
-        eye = torch.nn.functional.pad(torch.eye(self.d, dtype=torch.float64), (0, self.p - self.d))
+        padded = self.p > self.d
+        eye = torch.nn.functional.pad(torch.eye(self.d, dtype=torch.float64), (0, self.p - self.d)) if padded \
+            else None
         for _ in range(math.ceil(self.m / self.p)):
             # A row of a padded block may nearly vanish on the d inputs (a useless feature): redraw that block.
+            # Unpadded blocks are orthogonal on all d inputs: their rows have norm 1, nothing to check.
+            norms = None
             for _attempt in range(100):
                 plan = GivensPlan(blocked_pairs(self.p, self.num_rotations, generator=g), self.p)
                 angles = random_angles(self.num_rotations, generator=g, dtype=torch.float64)
+                if eye is None:
+                    break
                 norms = givens_apply(eye, plan, angles).norm(dim=0)  # (p,) norms of the rows' restrictions
-                if self.p == self.d or float(norms.min()) > 1e-6:
+                if float(norms.min()) > 1e-6:
                     break
             self.plans.append(plan)
             self.angles.append(angles.to(self.dtype).to(self.device))
             chi = chi_norms(self.d, self.p, g)
-            scales.append(chi if self.p == self.d else chi / norms)
+            scales.append(chi if norms is None else chi / norms)
         self.row_scale = torch.cat(scales)[: self.m].to(self.dtype).to(self.device)
 
     def apply(self, X: torch.Tensor) -> torch.Tensor:
