@@ -207,14 +207,20 @@ def linear_forward(x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor, b
                    plan: GivensPlan, out_features: int, keep_rotated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KamaLinear's forward in one C pass (pad / scale the input, rotate, keep and scale the outputs, add the
     bias; cos / sin computed there). Returns the output and, if ``keep_rotated``, the rotated state ``(n, d)``
-    that :func:`linear_backward` needs. ``x``, ``angles``, ``scale``, ``bias`` share one float32 / float64 dtype."""
-    dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
-    xc, a, sc = as_dtype(x, dt), as_dtype(angles, dt), as_dtype(scale, dt)
-    b = as_dtype(bias, dt) if bias is not None else None
-    out = torch.empty(n_rows, out_features, dtype=dt)
-    rotated = torch.empty(n_rows, plan.d, dtype=dt) if keep_rotated else None
-    _module().linear_forward(xc, out, rotated, kernel_pairs(plan), a, sc, b, n_rows, in_f, out_features,
-                             tile_width(n_rows, plan.d, xc.element_size(), 1), kernel_threads(n_rows, k))
+    that :func:`linear_backward` needs. ``x``, ``angles``, ``scale``, ``bias`` share one float32 / float64 dtype.
+    An RL-size call is a few microseconds of work: outputs shaped like ``x`` are allocated with ``empty_like``
+    (a third cheaper than ``torch.empty`` with a dtype) and the launch settings are memoized."""
+    dt = x.dtype
+    xc = as_dtype(x, dt)
+    n_rows, in_f = xc.shape
+    d = plan.d
+    out = torch.empty_like(xc) if out_features == in_f else torch.empty(n_rows, out_features, dtype=dt)
+    rotated = None
+    if keep_rotated:
+        rotated = torch.empty_like(xc) if d == in_f else torch.empty(n_rows, d, dtype=dt)
+    pairs, tile, _, threads = _linear_launch(plan, n_rows, xc.element_size())
+    _module().linear_forward(xc, out, rotated, pairs, as_dtype(angles, dt), as_dtype(scale, dt),
+                             None if bias is None else as_dtype(bias, dt), n_rows, in_f, out_features, tile, threads)
     return out, rotated
 
 
@@ -222,16 +228,30 @@ def linear_backward(g: torch.Tensor, rotated: torch.Tensor, x: torch.Tensor, ang
                     scale: torch.Tensor, has_bias: bool, plan: GivensPlan, out_features: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(x, angles, scale, bias)`` of :func:`linear_forward` from the output gradient ``g`` and the
-    rotated state it kept."""
-    dt, (n_rows, in_f), k = x.dtype, x.shape, plan.num_rotations
+    rotated state it kept (``x`` is the contiguous input that :func:`linear_forward` was given)."""
+    dt = x.dtype
+    n_rows, in_f = x.shape
     gc, a, sc = as_dtype(g, dt), as_dtype(angles, dt), as_dtype(scale, dt)
-    gx = torch.empty(n_rows, in_f, dtype=dt)
-    ga = torch.empty(k, dtype=dt)
-    gs = torch.empty(sc.shape[0], dtype=dt)
+    gx, ga, gs = torch.empty_like(x), torch.empty_like(a), torch.empty_like(sc)
     gb = torch.empty(out_features, dtype=dt) if has_bias else None
-    _module().linear_backward(gc, rotated, x, gx, ga, gs, gb, kernel_pairs(plan), a, sc, n_rows, in_f, out_features,
-                              tile_width(n_rows, plan.d, gc.element_size(), 2), kernel_threads(n_rows, k))
+    pairs, _, tile, threads = _linear_launch(plan, n_rows, x.element_size())
+    _module().linear_backward(gc, rotated, x, gx, ga, gs, gb, pairs, a, sc, n_rows, in_f, out_features, tile, threads)
     return gx, ga, gs, gb
+
+
+def _linear_launch(plan: GivensPlan, n_rows: int, itemsize: int) -> tuple[object, int, int, int]:
+    """``(pairs capsule, forward tile width, backward tile width, threads)`` of the fused KamaLinear pass, memoized on
+    the plan per batch size, element size, thread setting and kernel settings."""
+    key = (n_rows, itemsize, torch.get_num_threads(), id(tuning.current()))
+    memo = plan.caches.linear_launch
+    hit = memo.get(key)
+    if hit is None:
+        if len(memo) > 64:
+            memo.clear()
+        d = plan.d
+        hit = memo[key] = (kernel_pairs(plan), tile_width(n_rows, d, itemsize, 1), tile_width(n_rows, d, itemsize, 2),
+                           kernel_threads(n_rows, plan.num_rotations))
+    return hit
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

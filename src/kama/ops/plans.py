@@ -157,6 +157,8 @@ class PlanCaches:
         kernel_blocks: the compiled kernel's capsule of a register-blocked plan's groups, ``False`` for a plan
             without that structure, ``None`` until first use.
         coefficients: a :class:`CoefficientCache` or ``None``.
+        linear_launch: the fused KamaLinear pass's launch settings by batch size, element size, thread count and
+            kernel settings (:func:`kama.ops.cpu.linear_forward`).
         devices: :class:`DeviceTensors` by device.
     """
 
@@ -164,6 +166,7 @@ class PlanCaches:
         self.kernel_pairs: object | None = None
         self.kernel_blocks: object | None = None
         self.coefficients: CoefficientCache | None = None
+        self.linear_launch: dict[tuple[int, int, int, int], tuple[object, int, int, int]] = {}
         self.devices: dict[torch.device, DeviceTensors] = {}
 
     def on(self, device: torch.device) -> DeviceTensors:
