@@ -140,11 +140,9 @@ class LinearCache:
                    out_features: int, angle_gain: float) -> torch.Tensor:
         """The materialized weight, reused while angles, scalars and ``angle_gain`` keep their values (compared by
         value: optimizers and ``.data`` writes both change them) and the plan is the same object."""
-        hit = self.weight
-        if hit is not None:
-            ca, cs, gain, cplan, w = hit
-            if cplan is plan and gain == angle_gain and cpu.same_values(ca, angles) and cpu.same_values(cs, scale):
-                return w
+        w = self._stored_weight(plan, angles, scale, angle_gain)
+        if w is not None:
+            return w
         with torch.no_grad():
             w = kama_weight(plan, angles, scale, in_features, out_features, angle_gain=angle_gain, backend="auto")
         self.weight = (angles.detach().clone(), scale.detach().clone(), angle_gain, plan, w)
@@ -155,18 +153,26 @@ class LinearCache:
         """The weight of the last call if it is still the layer's and the GEMM won for ``n_rows`` rows, else
         ``None``: the checks of :meth:`plan_of`, :meth:`dense_wins` and :meth:`weight_for` in one place, so that
         a small no-gradient call (a policy step) pays three comparisons and one ``F.linear``."""
-        hit, dense = self.weight, self.dense
-        if hit is None or dense is None or dense[0] != n_rows or not dense[2]:
-            return None
-        ca, cs, gain, plan, w = hit
-        if gain != angle_gain or dense[1] != angles.device:
+        dense = self.dense
+        if dense is None or dense[0] != n_rows or not dense[2] or dense[1] != angles.device:
             return None
         if isinstance(pairs, GivensPlan):
-            if pairs is not plan:
-                return None
-        elif plan is not self.plan or self.pairs is None or not cpu.same_values(self.pairs, pairs):
+            plan: GivensPlan | None = pairs
+        elif self.pairs is not None and cpu.same_values(self.pairs, pairs):
+            plan = self.plan
+        else:
             return None
-        return w if cpu.same_values(ca, angles) and cpu.same_values(cs, scale) else None
+        return None if plan is None else self._stored_weight(plan, angles, scale, angle_gain)
+
+    def _stored_weight(self, plan: GivensPlan, angles: torch.Tensor, scale: torch.Tensor,
+                       angle_gain: float) -> torch.Tensor | None:
+        """The stored weight if it was made from ``plan`` and these angles, scalars and gain, else ``None``."""
+        hit = self.weight
+        if hit is None:
+            return None
+        ca, cs, gain, cplan, w = hit
+        ok = cplan is plan and gain == angle_gain and cpu.same_values(ca, angles) and cpu.same_values(cs, scale)
+        return w if ok else None
 
 
 def kama_linear(x: torch.Tensor, pairs: torch.Tensor | GivensPlan, angles: torch.Tensor, scale: torch.Tensor,
