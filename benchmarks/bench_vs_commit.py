@@ -27,22 +27,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from _timing import median_time
+
 HERE = Path(__file__).resolve().parent
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_case(kama, case: dict, repeats: int) -> dict:
@@ -69,8 +60,8 @@ def time_case(kama, case: dict, repeats: int) -> dict:
                 lin(x)
     t_walk, t_dense = [], []
     for _ in range(3):
-        t_walk.append(_median_seconds(walk, repeats))
-        t_dense.append(_median_seconds(dense, repeats))
+        t_walk.append(median_time(walk, repeats))
+        t_dense.append(median_time(dense, repeats))
     tw, td = statistics.median(t_walk), statistics.median(t_dense)
     flops = 6 * k * batch * (3 if fb else 1)
     return {"family": case["family"], "d": d, "batch": batch, "fb": fb, "ms": 1e3 * tw, "gflops": flops / tw / 1e9,
