@@ -41,6 +41,10 @@ def test_blocked_tile_rule():
     assert t.blocked_tile(20, 1024, 4, 1, 8) == 32 and t.blocked_tile(3, 1024, 4, 1, 8) == 8  # what the batch needs
     assert t.blocked_tile(300, 1 << 20, 4, 2, 8) == 16  # never below 16 columns (or one vector)
     assert tuning.Tuning(blocked_columns=16).blocked_tile(300, 1024, 4, 1, 8) == 16
+    # the two-buffer backward has its own width, narrowed by the same budget
+    t = tuning.Tuning(blocked_columns=32, blocked_backward_columns=128, tile_budget_bytes=4 * 1024 * 1024)
+    assert t.blocked_tile(300, 1024, 4, 1, 8) == 32 and t.blocked_tile(300, 1024, 4, 2, 8) == 128
+    assert t.blocked_tile(300, 4096, 4, 2, 8) == 32 and t.blocked_tile(40, 1024, 4, 2, 8) == 64
 
 
 def test_settings_from_cache_sizes():
@@ -68,9 +72,10 @@ def test_calibration_takes_the_fastest_candidates():
     # the built-in setting first, then the alternatives; 512-bit vectors are a candidate on AVX-512 cores only
     widths = (256, 512) if describe().simd == "avx512" else (256,)
     blocked = [(c, 256) for c in (32, 16, 64, 128)] + [(c, 512) for c in (128, 64, 32) if 512 in widths]
-    assert seen == [[(c, b) for b in widths for c in (128, 64, 32)], [32, 16, 64], [2, 0, 4], blocked]
+    assert seen == [[(c, b) for b in widths for c in (128, 64, 32)], [32, 16, 64], [2, 0, 4], blocked, [32, 64, 128]]
     assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
-            t.vector_bits, t.blocked_vector_bits) == (32, 32, 32, 4, *blocked[-1][:1], widths[-1], widths[-1])
+            t.blocked_backward_columns, t.vector_bits, t.blocked_vector_bits) == (
+        32, 32, 32, 4, *blocked[-1][:1], 128, widths[-1], widths[-1])
     assert t.source.startswith("calibrated")
 
     def fastest_is_first(candidates, run):
@@ -79,9 +84,9 @@ def test_calibration_takes_the_fastest_candidates():
 
     t = tuning.calibrate(timer=fastest_is_first)
     assert (t.max_columns, t.forward_min_columns, t.backward_min_columns, t.prefetch, t.blocked_columns,
-            t.vector_bits, t.blocked_vector_bits) == (base.max_columns, base.forward_min_columns,
-                                                      base.backward_min_columns, base.prefetch, base.blocked_columns,
-                                                      256, 256)
+            t.blocked_backward_columns, t.vector_bits, t.blocked_vector_bits) == (
+        base.max_columns, base.forward_min_columns, base.backward_min_columns, base.prefetch, base.blocked_columns,
+        base.blocked_backward_columns, 256, 256)
 
 
 @pytest.mark.parametrize("costs, expected", [
@@ -190,7 +195,7 @@ def test_512_bit_loops_agree_with_the_portable_ones(monkeypatch, dtype, family, 
     out = {}
     for bits in (256, 512):
         set_tuning(monkeypatch, vector_bits=bits, blocked_vector_bits=bits, max_columns=cols, forward_min_columns=cols,
-                   backward_min_columns=cols, blocked_columns=cols)
+                   backward_min_columns=cols, blocked_columns=cols, blocked_backward_columns=cols)
         assert tuning.current().wide(d) == (bits == 512) and not tuning.current().wide(d - 10)
         assert tuning.current().wide_blocked(d) == (bits == 512) and not tuning.current().wide_blocked(d - 10)
         for transpose in (False, True):
@@ -215,13 +220,21 @@ def test_vector_bits_from_the_environment(tmp_path):
     assert got["vector_bits"] == 256 and "vector_bits must be 256 or 512, got 384" in err
 
 
+def test_blocked_columns_from_the_environment_fix_both_passes(tmp_path):
+    got, _ = _run(tmp_path, KAMA_TUNING="defaults", KAMA_BLOCKED_COLUMNS="64")
+    assert got["blocked_columns"] == got["blocked_backward_columns"] == 64 and got["source"] == "environment"
+    got, err = _run(tmp_path, KAMA_TUNING="defaults", KAMA_BLOCKED_COLUMNS="48")
+    assert got["blocked_backward_columns"] == tuning.DEFAULTS.blocked_backward_columns
+    assert "blocked_backward_columns must be a power of two <= 128, got 48" in err
+
+
 @needs_kernel
 @pytest.mark.parametrize("family", ["kac", "blocked"])
 def test_512_bit_loops_gradcheck_and_gradgradcheck(monkeypatch, family):
     from conftest import set_tuning
 
     set_tuning(monkeypatch, vector_bits=512, blocked_vector_bits=512, max_columns=16, forward_min_columns=16,
-               backward_min_columns=16, blocked_columns=16)
+               backward_min_columns=16, blocked_columns=16, blocked_backward_columns=16)
     d, k = 256, 12 * 3 + 5
     g = torch.Generator().manual_seed(7)
     pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
