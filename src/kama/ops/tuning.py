@@ -16,8 +16,9 @@ Environment:
 * ``KAMA_TUNING``: ``auto`` (default: the cached settings, else calibrate and cache), ``defaults`` (the built-in
   settings, no measurement, no file), ``calibrate`` (measure again and overwrite the cache).
 * ``KAMA_CACHE_DIR``: the directory of ``tuning.json`` (default ``$XDG_CACHE_HOME/kama-nn`` or ``~/.cache/kama-nn``).
-* ``KAMA_TILE_BYTES``, ``KAMA_TILE_COLUMNS``, ``KAMA_PREFETCH``, ``KAMA_BLOCKED_COLUMNS``, ``KAMA_VECTOR_BITS``
-  (256 or 512): fix one setting (they win over the measured ones).
+* ``KAMA_TILE_BYTES``, ``KAMA_TILE_COLUMNS``, ``KAMA_PREFETCH``, ``KAMA_BLOCKED_COLUMNS`` (the blocked walk's
+  forward and backward widths), ``KAMA_VECTOR_BITS`` (256 or 512, both walks): fix their settings (they win over
+  the measured ones).
 """
 
 from __future__ import annotations
