@@ -33,8 +33,6 @@ import torch
 
 from _timing import median_time
 
-HERE = Path(__file__).resolve().parent
-
 
 def time_case(kama, case: dict, repeats: int) -> dict:
     """The walk's and ``nn.Linear``'s median times on one case, interleaved so that a clock change touches both."""
@@ -120,8 +118,7 @@ def main() -> None:
         return
     if args.baseline is None or not (args.baseline / "src" / "kama").is_dir():
         ap.error(f"--baseline must be a checkout with src/kama, got {args.baseline}")
-    sys.path.insert(0, str(HERE))
-    import kama
+    import kama  # not at the top: a child process imports an older checkout, which may lack what _bench imports
     from _bench import provenance_lines, write_section
     from kama.records import git_commit
 
