@@ -12,6 +12,9 @@ import torch
 from kama.ops.machine import Machine, describe
 from kama.records import git_commit
 
+# What the benchmarks write: a change there (an earlier table of `run_cpu.sh`) does not make the code's commit dirty
+OUTPUTS = ("BENCHMARKS.md", "benchmarks/plots")
+
 
 def machine() -> Machine:
     """The machine of this run (CPU model, caches, SIMD level)."""
@@ -23,7 +26,7 @@ def provenance_lines(command: str, threads: str | int) -> list[str]:
     table."""
     return [f"Command: `{command}`  ",
             f"Machine: {machine().summary()}, {platform.machine()}; {threads} thread(s); torch {torch.__version__}; "
-            f"commit `{git_commit()}`; {datetime.date.today().isoformat()}.  "]
+            f"commit `{git_commit(ignore=OUTPUTS)}`; {datetime.date.today().isoformat()}.  "]
 
 
 def write_section(path: Path | None, name: str, lines: list[str], *, per_machine: bool = True,

@@ -119,7 +119,7 @@ def main() -> None:
     if args.baseline is None or not (args.baseline / "src" / "kama").is_dir():
         ap.error(f"--baseline must be a checkout with src/kama, got {args.baseline}")
     import kama  # not at the top: a child process imports an older checkout, which may lack what _bench imports
-    from _bench import provenance_lines, write_section
+    from _bench import OUTPUTS, provenance_lines, write_section
     from kama.records import git_commit
 
     base_commit = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
@@ -141,8 +141,9 @@ def main() -> None:
            f"{' '.join(map(str, args.dims))} --batch {args.batch} --fb-batch {args.fb_batch} --rounds {args.rounds} "
            f"--repeats {args.repeats} --threads {args.threads}")
     lines = [*provenance_lines(cmd, args.threads),
-             f"This checkout (`{git_commit()}`) against `{base_commit}` in alternating processes ({args.rounds} "
-             "rounds); medians over rounds; the ratio to `nn.Linear` is measured in the same process.", "",
+             f"This checkout (`{git_commit(ignore=OUTPUTS)}`) against `{base_commit}` in alternating processes "
+             f"({args.rounds} rounds); medians over rounds; the ratio to `nn.Linear` is measured in the same "
+             "process.", "",
              "| code | plans | d | pass | batch | ms | GFLOP/s | x nn.Linear | x baseline Kac |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (label, family, d, fb), rows in results.items():

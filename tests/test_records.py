@@ -71,6 +71,35 @@ def test_git_commit_is_the_codes_not_the_working_directorys(tmp_path, monkeypatc
         assert got == "unknown"
 
 
+def test_a_change_to_an_ignored_output_leaves_the_commit_clean(tmp_path):
+    """A benchmark script's earlier table (a change to BENCHMARKS.md) does not mark the code's commit dirty; a change
+    to any other tracked file, in the root or below it, does."""
+    import shutil
+
+    from kama.records import _commit_of
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / "src").mkdir()
+    for name in ("BENCHMARKS.md", "code.py", "src/mod.py"):
+        (tmp_path / name).write_text("a\n")
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, env=env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "BENCHMARKS.md").write_text("b\n")
+    (tmp_path / "new.txt").write_text("untracked\n")
+    where = tmp_path / "src"  # asked from below the root, as the package's directory is
+    assert _commit_of(where, ignore=("BENCHMARKS.md",)) == head
+    assert _commit_of(where) == head + "+dirty"
+    (tmp_path / "code.py").write_text("b\n")
+    assert _commit_of(where, ignore=("BENCHMARKS.md",)) == head + "+dirty"
+    subprocess.run(["git", "checkout", "-q", "code.py"], cwd=tmp_path, check=True)
+    (tmp_path / "src" / "mod.py").write_text("b\n")
+    assert _commit_of(where, ignore=("BENCHMARKS.md",)) == head + "+dirty"
+
+
 def test_truncated_or_garbage_outputs_are_recomputed(tmp_path):
     out = tmp_path / "r"
     assert _run(out) == 0

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +79,23 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def git_commit() -> str:
+def git_commit(ignore: Sequence[str] = ()) -> str:
     """The git commit of the checkout this package's code runs from (an editable install), with ``+dirty`` if its
     tracked files differ from the commit; ``"unknown"`` for an installed copy. The working directory is never
     asked: a study run from one checkout with the code of another (a worktree of an older commit) must record the
-    code's commit."""
-    here = Path(__file__).resolve().parent
+    code's commit. ``ignore``: paths from the checkout's root whose changes do not count (a benchmark's own output
+    file, written by the script's earlier tables)."""
+    return _commit_of(Path(__file__).resolve().parent, ignore)
+
+
+def _commit_of(where: Path, ignore: Sequence[str] = ()) -> str:
+    """The commit of the git checkout holding ``where`` (``+dirty`` as in :func:`git_commit`), or ``"unknown"``."""
+    spec = [":(top)", *(f":(top,exclude){path}" for path in ignore)]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *spec], cwd=where,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
