@@ -773,47 +773,54 @@ typedef struct kama_blocks {
     /* 8 rows are loaded straight into registers (a memcpy into an array went through the stack, in halves on */ \
     /* AVX2-tuned builds, and stalled on store forwarding)                                                     */ \
     static inline __attribute__((always_inline)) void blk_fwd_t_##SUFFIX(                                           \
-        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, int transpose) { \
-        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+        TYPE *restrict buf, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, const int transpose) { \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
             const int32_t *sl = b->slots + BLOCK * g;                                                       \
-            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
-            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            const TYPE *cb = cs + 2 * r0;                                                                   \
             TYPE *p[BLOCK];                                                                                 \
             for (int u = 0; u < BLOCK; ++u) p[u] = buf + (int64_t)sl[u] * T;                                \
-            BLK_RELOAD(c, s);                                                                               \
-            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW, BLK_CA, BLK_SA, (void)0)                                        \
+            BLK_FWD_CHUNKS(nvec_##SUFFIX, 0, T, VW, BLK_CP, BLK_SP, BLK_OPAQUE(cb))                                 \
         }                                                                                                   \
     }                                                                                                       \
+    /* the tile widths with T and the transpose constants (the chunk loop unrolled, no branch inside it) */  \
     KAMA_CLONES static void blk_fwd_##SUFFIX(TYPE *restrict buf, int64_t T, const kama_blocks_t *b,         \
                                              const TYPE *restrict cs, int transpose) {                      \
-        switch (T) {                                                                                        \
-            case 32: blk_fwd_t_##SUFFIX(buf, 32, b, cs, transpose); break;                                  \
-            case 64: blk_fwd_t_##SUFFIX(buf, 64, b, cs, transpose); break;                                  \
-            case 128: blk_fwd_t_##SUFFIX(buf, 128, b, cs, transpose); break;                                \
+        switch (T * 2 + (transpose != 0)) {                                                                 \
+            case 32: blk_fwd_t_##SUFFIX(buf, 16, b, cs, 0); break;                                          \
+            case 33: blk_fwd_t_##SUFFIX(buf, 16, b, cs, 1); break;                                          \
+            case 64: blk_fwd_t_##SUFFIX(buf, 32, b, cs, 0); break;                                          \
+            case 65: blk_fwd_t_##SUFFIX(buf, 32, b, cs, 1); break;                                          \
+            case 128: blk_fwd_t_##SUFFIX(buf, 64, b, cs, 0); break;                                         \
+            case 129: blk_fwd_t_##SUFFIX(buf, 64, b, cs, 1); break;                                         \
+            case 256: blk_fwd_t_##SUFFIX(buf, 128, b, cs, 0); break;                                        \
+            case 257: blk_fwd_t_##SUFFIX(buf, 128, b, cs, 1); break;                                        \
             default: blk_fwd_t_##SUFFIX(buf, T, b, cs, transpose); break;                                   \
         }                                                                                                   \
     }                                                                                                       \
     /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
     /* (lane sums in double, in lane order)                                                                 */ \
-    KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
-                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
-                                             double *restrict gacc) {                                       \
-        const TYPE sgn = transpose ? (TYPE)-1 : (TYPE)1;                                                    \
+    static inline __attribute__((always_inline)) void blk_bwd_t_##SUFFIX(                                  \
+        TYPE *restrict vb, TYPE *restrict gb, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, \
+        const int transpose, double *restrict gacc) {                                                       \
         const ptrdiff_t go = gb - vb; /* one buffer, the gradient tile after the output's: one row pointer */ \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
             const int32_t *sl = b->slots + BLOCK * g;                                                       \
-            TYPE c[GROUP_ROTS], s[GROUP_ROTS];                                                              \
-            for (int q = 0; q < GROUP_ROTS; ++q) { c[q] = cs[2 * (r0 - q)]; s[q] = sgn * cs[2 * (r0 - q) + 1]; } \
+            const TYPE *cb = cs + 2 * r0;                                                                   \
             TYPE *pv[BLOCK];                                                                                \
             for (int u = 0; u < BLOCK; ++u) pv[u] = vb + (int64_t)sl[u] * T;                                \
             double h[GROUP_ROTS];                                                                           \
-            BLK_RELOAD(c, s);                                                                               \
-            BLK_BWD_CHUNKS(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, =, BLK_CA, BLK_SA, (void)0)                 \
+            BLK_BWD_HALVES(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, BLK_CP, BLK_SP, BLK_OPAQUE(cb))             \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += h[q];                                      \
         }                                                                                                   \
+    }                                                                                                       \
+    /* T and the transpose are not made constants here: the compiler then orders the angle gradients' sums    */ \
+    /* differently, and they are kept as they were                                                          */ \
+    KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
+                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
+                                             double *restrict gacc) {                                       \
+        blk_bwd_t_##SUFFIX(vb, gb, T, b, cs, transpose, gacc);                                              \
     }                                                                                                       \
     static void *blk_fwd_worker_##SUFFIX(void *arg) {                                                       \
         job_t *j = (job_t *)arg;                                                                            \
@@ -900,6 +907,52 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
             }                                                                                               \
         }                                                                                                   \
         for (int q = 0; q < GROUP_ROTS; ++q) h[q] ASSIGN SUM(acc[q]);                                       \
+    }
+/* BLK_BWD_CHUNKS for 16 vector registers (AVX2): a group's 8 + 8 rows and 12 accumulators do not fit them, and  */
+/* left to the compiler about a hundred spills per chunk took the store port. The rounds that mix the two halves  */
+/* of the group (s0..s3, s4..s7) come first in the backward's order (last when transposed); there each rotation's */
+/* high row and its gradient go back to the tile at once, the low half runs its other two rounds in registers and */
+/* is stored, and the high half is read again for its own two rounds. Every rotation is the same operation on    */
+/* the same values as in BLK_BWD_CHUNKS, in an order that only exchanges rotations on disjoint rows.            */
+#define BLK_LD(VT, U) do { v[U] = *(const VT *)(pv[U] + t); w[U] = *(const VT *)(pv[U] + go + t); } while (0)
+#define BLK_ST(VT, U) do { *(VT *)(pv[U] + t) = v[U]; *(VT *)(pv[U] + go + t) = w[U]; } while (0)
+#define BLK_UNROT_Q(U, V, Q, C, S) BLK_UNROT(v[U], v[V], w[U], w[V], C(Q), S(Q), acc[Q])
+#define BLK_BWD_HALVES(VT, SUM, FROM, TO, STEP, C, S, BAR)                                                  \
+    {                                                                                                       \
+        VT acc[GROUP_ROTS];                                                                                 \
+        memset(acc, 0, sizeof acc);                                                                         \
+        for (int64_t t = (FROM); t < (TO); t += (STEP)) {                                                   \
+            VT v[BLOCK], w[BLOCK];                                                                          \
+            BAR;                                                                                            \
+            if (!transpose) {                                                                               \
+                for (int u = 3; u >= 0; --u) {                                                              \
+                    BLK_LD(VT, u); BLK_LD(VT, u + 4);                                                               \
+                    BLK_UNROT_Q(u, u + 4, 8 + u, C, S);                                                     \
+                    BLK_ST(VT, u + 4);                                                                          \
+                }                                                                                           \
+                BLK_UNROT_Q(1, 3, 5, C, S); BLK_UNROT_Q(0, 2, 4, C, S);                                     \
+                BLK_UNROT_Q(2, 3, 1, C, S); BLK_UNROT_Q(0, 1, 0, C, S);                                     \
+                for (int u = 0; u < 4; ++u) BLK_ST(VT, u);                                                      \
+                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                      \
+                BLK_UNROT_Q(5, 7, 7, C, S); BLK_UNROT_Q(4, 6, 6, C, S);                                     \
+                BLK_UNROT_Q(6, 7, 3, C, S); BLK_UNROT_Q(4, 5, 2, C, S);                                     \
+                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                      \
+            } else {                                                                                        \
+                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                      \
+                BLK_UNROT_Q(4, 5, 2, C, S); BLK_UNROT_Q(6, 7, 3, C, S);                                     \
+                BLK_UNROT_Q(4, 6, 6, C, S); BLK_UNROT_Q(5, 7, 7, C, S);                                     \
+                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                      \
+                for (int u = 0; u < 4; ++u) BLK_LD(VT, u);                                                      \
+                BLK_UNROT_Q(0, 1, 0, C, S); BLK_UNROT_Q(2, 3, 1, C, S);                                     \
+                BLK_UNROT_Q(0, 2, 4, C, S); BLK_UNROT_Q(1, 3, 5, C, S);                                     \
+                for (int u = 0; u < 4; ++u) {                                                               \
+                    BLK_LD(VT, u + 4);                                                                          \
+                    BLK_UNROT_Q(u, u + 4, 8 + u, C, S);                                                     \
+                    BLK_ST(VT, u); BLK_ST(VT, u + 4);                                                               \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int q = 0; q < GROUP_ROTS; ++q) h[q] = SUM(acc[q]);                                            \
     }
 /* the groups with 512-bit vectors (a 256-bit chunk for a tile of 8 mod 16 float32 columns): as blk_fwd / blk_bwd */
 #if KAMA_HAVE_WIDE
@@ -1787,7 +1840,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
 /* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
-#define KERNEL_VERSION 5
+#define KERNEL_VERSION 6
 
 PyMODINIT_FUNC PyInit__cgivens(void) {
     PyObject *m = PyModule_Create(&module);
