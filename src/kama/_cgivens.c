@@ -755,14 +755,13 @@ typedef struct kama_blocks {
     BLK_UNROT(v[6], v[7], w[6], w[7], C(3), S(3), acc[3]); BLK_UNROT(v[4], v[5], w[4], w[5], C(2), S(2), acc[2]);   \
     BLK_UNROT(v[2], v[3], w[2], w[3], C(1), S(1), acc[1]); BLK_UNROT(v[0], v[1], w[0], w[1], C(0), S(0), acc[0]);
 
-/* the coefficient arrays C, S made visible to the row stores, so that every chunk broadcasts them from L1 at their
- * use (two loads per rotation) instead of keeping 24 broadcast vectors live: 16 ymm registers (AVX2) cannot
- * hold them beside a group's 8 rows, and spilled they cost four loads per rotation */
-#define BLK_RELOAD(C, S) __asm__ volatile("" : : "r"(C), "r"(S) : "memory")
-/* a group's coefficients: from the arrays c[], s[] (BLK_CA, BLK_SA), or read at their use from the plan's cos / sin
- * (BLK_CP, BLK_SP: cb points at the group's first rotation r0; s negated for the transpose), with cb made opaque at
- * every chunk (BLK_OPAQUE) so that the compiler cannot hoist 24 broadcasts out of the chunk loop: the 512-bit
- * backward's 16 rows and 12 accumulators fill 28 of the 32 registers, and each broadcast is then a load operand */
+/* a group's coefficients: from the arrays c[], s[] (BLK_CA, BLK_SA: the 512-bit forward, which broadcasts them once
+ * per group), or read at their use from the plan's cos / sin (BLK_CP, BLK_SP: cb points at the group's first
+ * rotation r0; s negated for the transpose), with cb made opaque at every chunk (BLK_OPAQUE) so that the compiler
+ * cannot hoist 24 broadcasts out of the chunk loop: 16 ymm registers (AVX2) cannot hold them beside a group's 8
+ * rows, the 512-bit backward's 16 rows and 12 accumulators fill 28 of the 32, and each broadcast is then one load
+ * (a copy of the group's coefficients into stack arrays, once per tile and group, cost the 256-bit forward 20-30 %
+ * at 16-32 columns on a Zen 3) */
 #define BLK_CA(Q) c[Q]
 #define BLK_SA(Q) s[Q]
 #define BLK_CP(Q) cb[-2 * (Q)]
