@@ -799,9 +799,11 @@ typedef struct kama_blocks {
     }                                                                                                       \
     /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
     /* (lane sums in double, in lane order)                                                                 */ \
-    static inline __attribute__((always_inline)) void blk_bwd_t_##SUFFIX(                                  \
-        TYPE *restrict vb, TYPE *restrict gb, const int64_t T, const kama_blocks_t *b, const TYPE *restrict cs, \
-        const int transpose, double *restrict gacc) {                                                       \
+    /* (T and the transpose are not made constants: the compiler then orders the angle gradients' sums       */ \
+    /* differently)                                                                                          */ \
+    KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
+                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
+                                             double *restrict gacc) {                                       \
         const ptrdiff_t go = gb - vb; /* one buffer, the gradient tile after the output's: one row pointer */ \
         for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
             const int64_t g = transpose ? gi : b->groups - 1 - gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
@@ -813,13 +815,6 @@ typedef struct kama_blocks {
             BLK_BWD_HALVES(nvec_##SUFFIX, nvec_dsum_##SUFFIX, 0, T, VW, BLK_CP, BLK_SP, BLK_OPAQUE(cb))             \
             for (int q = 0; q < GROUP_ROTS; ++q) gacc[r0 - q] += h[q];                                      \
         }                                                                                                   \
-    }                                                                                                       \
-    /* T and the transpose are not made constants here: the compiler then orders the angle gradients' sums    */ \
-    /* differently, and they are kept as they were                                                          */ \
-    KAMA_CLONES static void blk_bwd_##SUFFIX(TYPE *restrict vb, TYPE *restrict gb, int64_t T,               \
-                                             const kama_blocks_t *b, const TYPE *restrict cs, int transpose, \
-                                             double *restrict gacc) {                                       \
-        blk_bwd_t_##SUFFIX(vb, gb, T, b, cs, transpose, gacc);                                              \
     }                                                                                                       \
     static void *blk_fwd_worker_##SUFFIX(void *arg) {                                                       \
         job_t *j = (job_t *)arg;                                                                            \
@@ -925,29 +920,29 @@ static inline double nvec_dsum_f64(nvec_f64 v) {
             BAR;                                                                                            \
             if (!transpose) {                                                                               \
                 for (int u = 3; u >= 0; --u) {                                                              \
-                    BLK_LD(VT, u); BLK_LD(VT, u + 4);                                                               \
+                    BLK_LD(VT, u); BLK_LD(VT, u + 4);                                                       \
                     BLK_UNROT_Q(u, u + 4, 8 + u, C, S);                                                     \
-                    BLK_ST(VT, u + 4);                                                                          \
+                    BLK_ST(VT, u + 4);                                                                      \
                 }                                                                                           \
                 BLK_UNROT_Q(1, 3, 5, C, S); BLK_UNROT_Q(0, 2, 4, C, S);                                     \
                 BLK_UNROT_Q(2, 3, 1, C, S); BLK_UNROT_Q(0, 1, 0, C, S);                                     \
-                for (int u = 0; u < 4; ++u) BLK_ST(VT, u);                                                      \
-                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                      \
+                for (int u = 0; u < 4; ++u) BLK_ST(VT, u);                                                  \
+                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                  \
                 BLK_UNROT_Q(5, 7, 7, C, S); BLK_UNROT_Q(4, 6, 6, C, S);                                     \
                 BLK_UNROT_Q(6, 7, 3, C, S); BLK_UNROT_Q(4, 5, 2, C, S);                                     \
-                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                      \
+                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                  \
             } else {                                                                                        \
-                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                      \
+                for (int u = 4; u < 8; ++u) BLK_LD(VT, u);                                                  \
                 BLK_UNROT_Q(4, 5, 2, C, S); BLK_UNROT_Q(6, 7, 3, C, S);                                     \
                 BLK_UNROT_Q(4, 6, 6, C, S); BLK_UNROT_Q(5, 7, 7, C, S);                                     \
-                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                      \
-                for (int u = 0; u < 4; ++u) BLK_LD(VT, u);                                                      \
+                for (int u = 4; u < 8; ++u) BLK_ST(VT, u);                                                  \
+                for (int u = 0; u < 4; ++u) BLK_LD(VT, u);                                                  \
                 BLK_UNROT_Q(0, 1, 0, C, S); BLK_UNROT_Q(2, 3, 1, C, S);                                     \
                 BLK_UNROT_Q(0, 2, 4, C, S); BLK_UNROT_Q(1, 3, 5, C, S);                                     \
                 for (int u = 0; u < 4; ++u) {                                                               \
-                    BLK_LD(VT, u + 4);                                                                          \
+                    BLK_LD(VT, u + 4);                                                                      \
                     BLK_UNROT_Q(u, u + 4, 8 + u, C, S);                                                     \
-                    BLK_ST(VT, u); BLK_ST(VT, u + 4);                                                               \
+                    BLK_ST(VT, u); BLK_ST(VT, u + 4);                                                       \
                 }                                                                                           \
             }                                                                                               \
         }                                                                                                   \
