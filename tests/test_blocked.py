@@ -127,6 +127,29 @@ def test_blocked_backward_agrees_across_tile_widths(monkeypatch, dtype):
     assert cpu.kernel_blocks(plan) is not None  # the register-blocked walk ran
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_row_walk_matches_the_reference(dtype):
+    """A batch of one runs the groups on scalars (forward_blocked with tile 1); the tail acts last (first when
+    transposed). Several rows through the C call directly, with an output scale, against the generic row walk."""
+    d, k = 264, 30 * GROUP_ROTATIONS + 5
+    g = torch.Generator().manual_seed(5)
+    plan = GivensPlan(blocked_pairs(d, k, generator=g), d)
+    angles = kama.random_angles(k, generator=g, dtype=dtype)
+    x = torch.randn(3, d, generator=g, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for transpose in (False, True):
+        want = givens_apply(x[:1], plan, angles, backend="reference", transpose=transpose)
+        got = givens_apply(x[:1], plan, angles, backend="cpu", transpose=transpose)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        C, cs, scale = cpu._cgivens, cpu.coefficients(plan, angles, dtype), torch.rand(d, generator=g, dtype=dtype)
+        y_rows, y_walk = torch.empty_like(x), torch.empty_like(x)
+        C.forward_blocked(x, y_rows, cpu.kernel_pairs(plan), cpu.kernel_blocks(plan), cs, 3, d, 1, 1, transpose,
+                          scale)
+        C.forward(x, y_walk, cpu.kernel_pairs(plan), cs, 3, d, 1, 1, transpose, scale)
+        torch.testing.assert_close(y_rows, y_walk, atol=tol, rtol=tol)
+
+
 def test_blocked_gradcheck_and_gradgradcheck():
     g = torch.Generator().manual_seed(3)
     pairs = blocked_pairs(10, 2 * GROUP_ROTATIONS + 3, generator=g)
@@ -147,8 +170,11 @@ def test_blocked_kernel_checks_its_arguments():
     blocks = cpu.kernel_blocks(plan)
     x, y, cs = torch.randn(8, d), torch.empty(8, d), torch.zeros(k, 2)
     C.forward_blocked(x, y, pairs, blocks, cs, 8, d, 8, 1, False)
-    with pytest.raises(ValueError, match="not a multiple of the vector width"):
+    with pytest.raises(ValueError, match="tile=4 is not 1 or a multiple of the vector width"):
         C.forward_blocked(x, y, pairs, blocks, cs, 8, d, 4, 1, False)
+    with pytest.raises(ValueError, match="tile=4 is not a multiple of the vector width"):
+        C.backward_blocked(y, x, x.clone(), torch.zeros(1, k, dtype=torch.float64), pairs, blocks, cs, 8, d, 4, 1,
+                           False)
     with pytest.raises(TypeError, match="capsule from _cgivens.make_blocks"):
         C.forward_blocked(x, y, pairs, pairs, cs, 8, d, 8, 1, False)
     other = C.make_pairs(torch.tensor([[0, 1]] * 12, dtype=torch.int32), d)

@@ -232,6 +232,8 @@ def test_tile_width_rule(monkeypatch):
     set_tuning(monkeypatch, tile_budget_bytes=512 * 1024)
     assert cpu.tile_width(1, 1024, 4, 1) == 1
     assert cpu.tile_width(5, 1024, 4, 1) == 8
+    assert cpu.tile_width(2, 1024, 4, 1) == 8 and cpu.tile_width(3, 64, 4, 2) == 8  # one 256-bit vector
+    assert cpu.tile_width(2, 1024, 8, 1) == 4 and cpu.tile_width(3, 64, 8, 2) == 4
     assert cpu.tile_width(64, 64, 4, 2) == 64
     assert cpu.tile_width(300, 1024, 4, 1) == 128
     assert cpu.tile_width(300, 1024, 4, 2) == 64

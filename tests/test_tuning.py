@@ -32,6 +32,8 @@ def test_built_in_rule():
     small = tuning.Tuning(max_columns=16, forward_min_columns=16)
     assert small.tile_width(300, 1024, 4, 1) == 16
     assert small.tile_width(300, 64, 4, 1) == 128  # under MIN_TUNED_DIM features: the built-in rule
+    narrow = tuning.Tuning(max_columns=2, forward_min_columns=2)
+    assert narrow.tile_width(3, 1024, 4, 1) == 2  # a cap under one vector holds
     assert t.prefetch_for(t.prefetch_min_bytes + 1) == 2 and t.prefetch_for(1024) == 0
 
 

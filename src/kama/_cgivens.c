@@ -797,6 +797,41 @@ typedef struct kama_blocks {
             default: blk_fwd_t_##SUFFIX(buf, T, b, cs, transpose); break;                                   \
         }                                                                                                   \
     }                                                                                                       \
+    /* one row (a batch of one): the groups on scalars, 16 memory operations per 12 rotations where the     */ \
+    /* generic row walk makes 48; every rotation the same operation on the same values as in row_walk        */ \
+    static inline __attribute__((always_inline)) void blk_row_t_##SUFFIX(                                    \
+        TYPE *restrict row, const kama_blocks_t *b, const TYPE *restrict cs, const int transpose) {         \
+        for (int64_t gi = 0; gi < b->groups; ++gi) {                                                        \
+            const int64_t g = transpose ? b->groups - 1 - gi : gi, r0 = b->k - 1 - GROUP_ROTS * g;          \
+            const int32_t *sl = b->slots + BLOCK * g;                                                       \
+            const TYPE *cb = cs + 2 * r0;                                                                   \
+            TYPE v[BLOCK];                                                                                  \
+            for (int u = 0; u < BLOCK; ++u) v[u] = row[sl[u]];                                              \
+            if (!transpose) { BLK_FWD_ALL(BLK_CP, BLK_SP) }                                                 \
+            else { BLK_FWD_REV(BLK_CP, BLK_SP) }                                                            \
+            for (int u = 0; u < BLOCK; ++u) row[sl[u]] = v[u];                                              \
+        }                                                                                                   \
+    }                                                                                                       \
+    /* (the transpose a constant: a runtime sign per coefficient spilled the AVX2 clone's registers)          */ \
+    KAMA_CLONES static void blk_row_##SUFFIX(TYPE *restrict row, const kama_blocks_t *b,                     \
+                                             const TYPE *restrict cs, int transpose) {                      \
+        if (transpose) blk_row_t_##SUFFIX(row, b, cs, 1);                                                   \
+        else blk_row_t_##SUFFIX(row, b, cs, 0);                                                             \
+    }                                                                                                       \
+    /* rows_##SUFFIX for a blocked plan: the tail (the plan's first m rotations) acts last, first transposed */ \
+    static void blk_rows_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, int64_t d, const kama_blocks_t *b,      \
+                                  const int32_t *ij, const TYPE *cs, int transpose, const TYPE *scale) {    \
+        const int64_t m = b->k - GROUP_ROTS * b->groups;                                                    \
+        for (int64_t row = 0; row < n; ++row) {                                                             \
+            TYPE *v = y + row * d;                                                                          \
+            if (v != x + row * d) memcpy(v, x + row * d, (size_t)d * sizeof(TYPE));                         \
+            if (transpose) row_walk_##SUFFIX(v, ij, cs, m, 1);                                              \
+            blk_row_##SUFFIX(v, b, cs, transpose);                                                          \
+            if (!transpose) row_walk_##SUFFIX(v, ij, cs, m, 0);                                             \
+            if (scale)                                                                                      \
+                for (int64_t f = 0; f < d; ++f) v[f] *= scale[f];                                           \
+        }                                                                                                   \
+    }                                                                                                       \
     /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
     /* (lane sums in double, in lane order)                                                                 */ \
     /* (T and the transpose are not made constants: the compiler then orders the angle gradients' sums       */ \
@@ -1560,7 +1595,7 @@ static const kama_blocks_t *get_blocks(PyObject *capsule, const kama_pairs_t *p)
 }
 
 /* forward_blocked(x, y, pairs, blocks, cs, n, d, tile, nthreads, transpose[, scale, wide]): as forward, for a plan with
- * register-blocked groups; tile a multiple of the vector width (8 float32, 4 float64). */
+ * register-blocked groups; tile a multiple of the vector width (8 float32, 4 float64), or 1: row by row. */
 static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
     PyObject *tx, *ty, *pairs, *blocks, *tcs, *tscale = Py_None;
     long long n, d, tile;
@@ -1573,8 +1608,8 @@ static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
     PyObject *dt = b ? float_dtype(tx, "x") : NULL;
     if (!dt) return NULL;
     const int is_double = dt == dtype_f64;
-    if (tile % (is_double ? 4 : 8)) {
-        PyErr_Format(PyExc_ValueError, "invalid sizes: tile=%lld is not a multiple of the vector width", tile);
+    if (tile != 1 && tile % (is_double ? 4 : 8)) {
+        PyErr_Format(PyExc_ValueError, "invalid sizes: tile=%lld is not 1 or a multiple of the vector width", tile);
         return NULL;
     }
     void *x, *y, *cs, *scale;
@@ -1582,6 +1617,17 @@ static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
         || tensor_mem(tcs, "cs", dt, 2 * p->k, 0, &cs) || tensor_mem(tscale, "scale", dt, d, 1, &scale))
         return NULL;
     if (n == 0) Py_RETURN_NONE;
+    if (tile == 1) { /* row by row on one thread, as forward's row walk */
+        Py_BEGIN_ALLOW_THREADS
+        if (is_double)
+            blk_rows_f64((const double *)x, (double *)y, n, d, b, p->ij, (const double *)cs, transpose,
+                         (const double *)scale);
+        else
+            blk_rows_f32((const float *)x, (float *)y, n, d, b, p->ij, (const float *)cs, transpose,
+                         (const float *)scale);
+        Py_END_ALLOW_THREADS
+        Py_RETURN_NONE;
+    }
     job_t proto = {.x = x, .y = y, .ij = p->ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = p->k,
                    .transpose = transpose, .sgn = transpose ? -1.0 : 1.0, .tile = tile, .blocks = b, .wide = wide};
     int status;
