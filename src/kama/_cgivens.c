@@ -630,16 +630,6 @@ static inline void row_coef_f64(const double *restrict cs, int64_t r, double *c,
             }                                                                                               \
             for (; r >= 0; --r) ROW_ROTATE(TYPE, SUFFIX, +, r);                                             \
         }                                                                                                   \
-    }                                                                                                       \
-    static void rows_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, int64_t d, const int32_t *ij,              \
-                              const TYPE *cs, int64_t k, int transpose, const TYPE *scale) {                \
-        for (int64_t row = 0; row < n; ++row) {                                                             \
-            TYPE *v = y + row * d;                                                                          \
-            if (v != x + row * d) memcpy(v, x + row * d, (size_t)d * sizeof(TYPE));                         \
-            row_walk_##SUFFIX(v, ij, cs, k, transpose);                                                     \
-            if (scale)                                                                                      \
-                for (int64_t f = 0; f < d; ++f) v[f] *= scale[f];                                           \
-        }                                                                                                   \
     }
 
 DEFINE_ROWS(float, f32)
@@ -817,20 +807,6 @@ typedef struct kama_blocks {
                                              const TYPE *restrict cs, int transpose) {                      \
         if (transpose) blk_row_t_##SUFFIX(row, b, cs, 1);                                                   \
         else blk_row_t_##SUFFIX(row, b, cs, 0);                                                             \
-    }                                                                                                       \
-    /* rows_##SUFFIX for a blocked plan: the tail (the plan's first m rotations) acts last, first transposed */ \
-    static void blk_rows_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, int64_t d, const kama_blocks_t *b,      \
-                                  const int32_t *ij, const TYPE *cs, int transpose, const TYPE *scale) {    \
-        const int64_t m = b->k - GROUP_ROTS * b->groups;                                                    \
-        for (int64_t row = 0; row < n; ++row) {                                                             \
-            TYPE *v = y + row * d;                                                                          \
-            if (v != x + row * d) memcpy(v, x + row * d, (size_t)d * sizeof(TYPE));                         \
-            if (transpose) row_walk_##SUFFIX(v, ij, cs, m, 1);                                              \
-            blk_row_##SUFFIX(v, b, cs, transpose);                                                          \
-            if (!transpose) row_walk_##SUFFIX(v, ij, cs, m, 0);                                             \
-            if (scale)                                                                                      \
-                for (int64_t f = 0; f < d; ++f) v[f] *= scale[f];                                           \
-        }                                                                                                   \
     }                                                                                                       \
     /* backward over the groups from the saved output (vb) and its gradient (gb); gacc per product rotation */ \
     /* (lane sums in double, in lane order)                                                                 */ \
@@ -1071,6 +1047,37 @@ DEFINE_WIDE_BLOCKED(double, f64, 4)
 #endif
 DEFINE_BLOCKED(float, f32, 8)
 DEFINE_BLOCKED(double, f64, 4)
+
+/* Every row of x walked alone into y (forward's tile 1), then scaled: the plan's k rotations, or for a blocked plan b
+ * its groups on scalars and the tail (the plan's first m rotations) last, first when transposed. */
+#define DEFINE_ROW_CALLS(TYPE, SUFFIX)                                                                      \
+    static void rows_##SUFFIX(const TYPE *x, TYPE *y, int64_t n, int64_t d, const int32_t *ij,              \
+                              const TYPE *cs, int64_t k, const kama_blocks_t *b, int transpose,             \
+                              const TYPE *scale) {                                                          \
+        const int64_t m = b ? b->k - GROUP_ROTS * b->groups : k;                                            \
+        for (int64_t row = 0; row < n; ++row) {                                                             \
+            TYPE *v = y + row * d;                                                                          \
+            if (v != x + row * d) memcpy(v, x + row * d, (size_t)d * sizeof(TYPE));                         \
+            if (b && !transpose) blk_row_##SUFFIX(v, b, cs, 0);                                             \
+            row_walk_##SUFFIX(v, ij, cs, m, transpose);                                                     \
+            if (b && transpose) blk_row_##SUFFIX(v, b, cs, 1);                                              \
+            if (scale)                                                                                      \
+                for (int64_t f = 0; f < d; ++f) v[f] *= scale[f];                                           \
+        }                                                                                                   \
+    }
+DEFINE_ROW_CALLS(float, f32)
+DEFINE_ROW_CALLS(double, f64)
+
+/* rows_* of either dtype, without the GIL */
+static void rows_any(int is_double, const void *x, void *y, int64_t n, int64_t d, const int32_t *ij, const void *cs,
+                     int64_t k, const kama_blocks_t *b, int transpose, const void *scale) {
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        rows_f64((const double *)x, (double *)y, n, d, ij, (const double *)cs, k, b, transpose, (const double *)scale);
+    else
+        rows_f32((const float *)x, (float *)y, n, d, ij, (const float *)cs, k, b, transpose, (const float *)scale);
+    Py_END_ALLOW_THREADS
+}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Fused KamaLinear: pad / scale the input, rotate, keep and scale the outputs, add the bias, in one pass   */
@@ -1465,13 +1472,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     const int64_t k = p->k;
     if (n == 0) Py_RETURN_NONE;
     if (tile == 1) {
-        Py_BEGIN_ALLOW_THREADS
-        if (is_double)
-            rows_f64((const double *)x, (double *)y, n, d, ij, (const double *)cs, k, transpose,
-                     (const double *)scale);
-        else
-            rows_f32((const float *)x, (float *)y, n, d, ij, (const float *)cs, k, transpose, (const float *)scale);
-        Py_END_ALLOW_THREADS
+        rows_any(is_double, x, y, n, d, ij, cs, k, NULL, transpose, scale);
         Py_RETURN_NONE;
     }
     job_t proto = {.x = x, .y = y, .ij = ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = k,
@@ -1618,14 +1619,7 @@ static PyObject *py_forward_blocked(PyObject *self, PyObject *args) {
         return NULL;
     if (n == 0) Py_RETURN_NONE;
     if (tile == 1) { /* row by row on one thread, as forward's row walk */
-        Py_BEGIN_ALLOW_THREADS
-        if (is_double)
-            blk_rows_f64((const double *)x, (double *)y, n, d, b, p->ij, (const double *)cs, transpose,
-                         (const double *)scale);
-        else
-            blk_rows_f32((const float *)x, (float *)y, n, d, b, p->ij, (const float *)cs, transpose,
-                         (const float *)scale);
-        Py_END_ALLOW_THREADS
+        rows_any(is_double, x, y, n, d, p->ij, cs, p->k, b, transpose, scale);
         Py_RETURN_NONE;
     }
     job_t proto = {.x = x, .y = y, .ij = p->ij, .cs = cs, .scale = scale, .n = n, .d = d, .k = p->k,
