@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,6 +48,12 @@ def test_blocked_tile_rule():
     t = tuning.Tuning(blocked_columns=32, blocked_backward_columns=128, tile_budget_bytes=4 * 1024 * 1024)
     assert t.blocked_tile(300, 1024, 4, 1, 8) == 32 and t.blocked_tile(300, 1024, 4, 2, 8) == 128
     assert t.blocked_tile(300, 4096, 4, 2, 8) == 32 and t.blocked_tile(40, 1024, 4, 2, 8) == 64
+    # the 512-bit loops keep two vectors (32 float32 / 16 float64 columns) where the budget would leave one
+    wide = tuning.Tuning(blocked_columns=128, blocked_backward_columns=128, blocked_vector_bits=512,
+                         tile_budget_bytes=2 * 1024 * 1024)
+    assert wide.blocked_tile(1024, 4096, 4, 2, 8) == 32 and wide.blocked_tile(1024, 8192, 4, 1, 8) == 32
+    assert wide.blocked_tile(1024, 8192, 8, 2, 4) == 16
+    assert replace(wide, blocked_vector_bits=256).blocked_tile(1024, 4096, 4, 2, 8) == 16
 
 
 def test_settings_from_cache_sizes():

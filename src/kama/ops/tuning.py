@@ -106,12 +106,16 @@ class Tuning:
         :attr:`blocked_columns`, or :attr:`blocked_backward_columns` for the two-buffer backward, at least
         ``lanes``, one vector), narrowed while ``buffers`` tiles of ``d x T`` exceed
         a quarter of the budget (half the L2: a group's 8 rows come from anywhere in the tile; measured on a Xeon
-        with 2 MiB of L2, 128 columns are fastest at d = 1024 and slowest at d = 4096)."""
+        with 2 MiB of L2, 128 columns are fastest at d = 1024 and slowest at d = 4096), but never below 16 columns
+        nor below two vectors of the loop's width: a group's set-up (its 8 row addresses, 24 coefficient broadcasts
+        and, in the backward, 12 lane sums) shared by a single 512-bit chunk cost 1.1-1.3x on a Zen 5 (d = 4096 and
+        8192, float32: 32 columns against 16)."""
         t, cap = lanes, self.blocked_columns if buffers == 1 else self.blocked_backward_columns
         while t < min(n_rows, cap):
             t *= 2
         budget = (self.tile_budget_bytes if d >= MIN_TUNED_DIM else DEFAULTS.tile_budget_bytes) // 4
-        while t > max(lanes, 16) and buffers * d * t * itemsize > budget:
+        floor = max(lanes, 16, 2 * (64 if self.wide_blocked(d) else 32) // itemsize)
+        while t > floor and buffers * d * t * itemsize > budget:
             t //= 2
         return t
 
