@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import kama
 from kama.ops.machine import Machine, describe
 from kama.records import git_commit
 
@@ -19,6 +20,12 @@ OUTPUTS = ("BENCHMARKS.md", "benchmarks/plots")
 def machine() -> Machine:
     """The machine of this run (CPU model, caches, SIMD level)."""
     return describe()
+
+
+def make_plan(family: str, d: int, k: int, g: torch.Generator) -> kama.GivensPlan:
+    """The paper's Kac walk (``kac``) or a register-blocked plan (``blocked``) of ``k`` rotations."""
+    pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
+    return kama.GivensPlan(pairs, d)
 
 
 def provenance_lines(command: str, threads: str | int) -> list[str]:

@@ -33,14 +33,8 @@ import torch
 
 import _bench
 import kama
-from _bench import provenance_lines, write_section
+from _bench import make_plan, provenance_lines, write_section
 from _timing import median_time
-
-
-def make_plan(family: str, d: int, k: int, g: torch.Generator) -> kama.GivensPlan:
-    """The paper's Kac walk (``kac``) or a register-blocked plan (``blocked``) of ``k`` rotations."""
-    pairs = kama.random_pairs(d, k, generator=g) if family == "kac" else kama.ops.blocked_pairs(d, k, generator=g)
-    return kama.GivensPlan(pairs, d)
 
 
 def bench_case(d: int, batch: int, backends: list[str], repeats: int, family: str = "kac") -> list[dict]:

@@ -7,6 +7,7 @@ out=${1:-BENCHMARKS.md}
 python benchmarks/bench_kernel_bounds.py --write "$out"
 python benchmarks/bench_givens.py --dims 64 256 1024 4096 --batches 1 64 256 1024 --backends cpu reference dense \
     python-loop --threads 1 2 --repeats 7 --plans kac blocked --write "$out"
+python benchmarks/bench_threads.py --write "$out"
 python benchmarks/bench_features.py --write "$out"
 python benchmarks/bench_manifold.py --write "$out"
 python benchmarks/bench_inference.py --write "$out"
