@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from _bench import make_plan, provenance_lines, write_section
 from _timing import median_time
 
 
-def scaling(fn, threads: int, rounds: int, repeats: int) -> dict:
+def scaling(fn: Callable[[], object], threads: int, rounds: int, repeats: int) -> dict:
     """Per-round times of ``fn`` with 1 and ``threads`` threads, alternating; medians and per-round speed-ups."""
     one, many = [], []
     for _ in range(rounds):
@@ -47,10 +48,10 @@ def bench_case(d: int, batch: int, family: str, threads: int, rounds: int, repea
     x = torch.randn(batch, d, generator=g)
     lin = torch.nn.Linear(d, d)
 
-    def walk():
+    def walk() -> None:
         kama.givens_apply(x, plan, angles, backend="cpu")
 
-    def dense():
+    def dense() -> None:
         lin(x)
 
     with torch.no_grad():
