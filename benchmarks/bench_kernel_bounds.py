@@ -12,6 +12,10 @@ store-to-load dependence) and the register-blocked groups (16 memory operations 
 the groups with 512-bit vectors (``walk512``, ``blocked512``: the kernel's wide loops; tiles of 16 columns or more),
 groups of 16 coordinates in four butterfly rounds (``blocked16``: 32 memory operations per 32 rotations, 512-bit) and
 the arithmetic alone at 512 bits (``fp_only512``: the wide loops' FP bound at the clock the core keeps under them).
+A second table does the same for the register-blocked backward at 512 bits (``bwd512``: a group's 8 rows of the
+saved output and 8 of its gradient in registers, 12 rotations back with their angle gradients, the accumulators'
+lanes added once per group), its loads and stores alone (``bwd512_mem``) and its arithmetic alone (``bwd512_fp``,
+10 multiplies or FMAs and an add per rotation-vector), on two ``d x T`` tiles.
 A chain of dependent adds estimates the clock; the table states every variant as a multiple of the arithmetic-only
 one, which does not depend on the clock. The variant closest to the full loop names its bound (``docs/cpu-kernel.md``).
 """
@@ -29,8 +33,10 @@ import _bench
 from _bench import provenance_lines, write_section
 
 PROBE = Path(__file__).resolve().parent / "probes" / "kernel_bounds.c"
-VARIANTS = ("walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512", "blocked16",
-            "fp_only512")
+FORWARD = ("walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512", "blocked16",
+           "fp_only512")
+BACKWARD = ("bwd512", "bwd512_mem", "bwd512_fp")
+VARIANTS = FORWARD + BACKWARD
 
 
 def run(dims: list[int], tiles: list[int], reps: int) -> list[dict]:
@@ -70,7 +76,7 @@ def main() -> None:
     rows = run(args.dims, args.tiles, args.reps)
     cmd = (f"python benchmarks/bench_kernel_bounds.py --dims {' '.join(map(str, args.dims))} "
            f"--tiles {' '.join(map(str, args.tiles))} --reps {args.reps}")
-    others = [v for v in VARIANTS if v != "fp_only"]
+    others = [v for v in FORWARD if v != "fp_only"]
     lines = [*provenance_lines(cmd, 1),
              f"Time per rotation-vector (one rotation on 8 float32 columns), the fastest of {args.reps} repeats, as a "
              "multiple of the arithmetic-only variant (`fp_only`: 2 multiplies + 2 FMAs from registers, a clock-free "
@@ -86,6 +92,18 @@ def main() -> None:
                      + " | ".join(f"{r[f'{v}_ns'] / fp:.2f}" if r[f"{v}_ns"] > 0 else "-" for v in others)
                      + f" | {48 / r['walk_ns']:.1f} | {48 / r['blocked_ns']:.1f} | {_gflops(r['walk512_ns'])} | "
                      f"{_gflops(r['blocked512_ns'])} | {_gflops(r['blocked16_ns'])} |")
+    if any(r["bwd512_ns"] > 0 for r in rows):
+        lines += ["", "The register-blocked backward, 512-bit (two tiles of `d x T`: the saved output's and its "
+                  "gradient's), in ns per rotation-vector of 8 columns as above, and `bwd512_fp` in cycles per 512-bit "
+                  "rotation-vector (16 columns; its FP bound on two FMA pipes: 5).", "",
+                  "| d | T | tiles KiB | bwd512 ns | bwd512_mem ns | bwd512_fp ns | bwd512 / bwd512_fp | "
+                  "(bwd512_mem + bwd512_fp) / bwd512_fp | bwd512_fp cycles | bwd512 / blocked512 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            b, m, f = r["bwd512_ns"], r["bwd512_mem_ns"], r["bwd512_fp_ns"]
+            lines.append(f"| {r['d']} | {r['T']} | {2 * r['tile_kib']:.0f} | {b:.3f} | {m:.3f} | {f:.3f} | "
+                         f"{b / f:.2f} | {(m + f) / f:.2f} | {2 * f * r['clock_ghz']:.2f} | "
+                         f"{b / r['blocked512_ns']:.2f} |")
     write_section(args.write, "bench_kernel_bounds", lines)
     print(_bench.machine().summary())
 

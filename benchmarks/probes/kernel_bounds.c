@@ -8,6 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef T
 #define T 64
@@ -153,6 +156,60 @@ __attribute__((noinline)) void blocked16(float *restrict buf, const int32_t *res
         }
     }
 }
+/* the register-blocked backward with 512-bit vectors (the kernel's wide blocked backward): per 16-column chunk a
+ * group's 8 rows of the saved output (v) and 8 of its gradient (w, a second d x T tile after the first) are loaded
+ * once, rotated back 12 times with the angle gradients summed in 12 vector accumulators, and stored once; the
+ * accumulators' lanes are added up once per group. Per rotation-vector: 32 / 12 memory operations, 10 multiplies
+ * or FMAs and an add (the forward: 16 / 12 and 4). `bwd512_mem` keeps its loads and stores only (the values pass
+ * through an empty asm, so that the compiler keeps them) and `bwd512_fp` its arithmetic only, on registers. */
+#define UNROTW(x, y, gx, gy, c, s, a) { const vw a1 = x, b1 = y, a2 = gx, b2 = gy; a += b2 * a1 - a2 * b1; \
+    x = c * a1 + s * b1; y = c * b1 - s * a1; gx = c * a2 + s * b2; gy = c * b2 - s * a2; }
+#define BWD_ROUNDS                                                                                          \
+    UNROTW(v[3], v[7], w[3], w[7], q[22], q[23], acc[11]) UNROTW(v[2], v[6], w[2], w[6], q[20], q[21], acc[10])    \
+    UNROTW(v[1], v[5], w[1], w[5], q[18], q[19], acc[9]) UNROTW(v[0], v[4], w[0], w[4], q[16], q[17], acc[8])      \
+    UNROTW(v[5], v[7], w[5], w[7], q[14], q[15], acc[7]) UNROTW(v[4], v[6], w[4], w[6], q[12], q[13], acc[6])      \
+    UNROTW(v[1], v[3], w[1], w[3], q[10], q[11], acc[5]) UNROTW(v[0], v[2], w[0], w[2], q[8], q[9], acc[4])        \
+    UNROTW(v[6], v[7], w[6], w[7], q[6], q[7], acc[3]) UNROTW(v[4], v[5], w[4], w[5], q[4], q[5], acc[2])          \
+    UNROTW(v[2], v[3], w[2], w[3], q[2], q[3], acc[1]) UNROTW(v[0], v[1], w[0], w[1], q[0], q[1], acc[0])
+__attribute__((noinline)) void bwd512(float *restrict buf, const int32_t *restrict slots, const float *restrict cs,
+                                      int64_t groups, int64_t d, double *restrict gacc) {
+    const int64_t go = d * T;
+    for (int64_t g = groups - 1; g >= 0; --g) {
+        const int32_t *sl = slots + 8 * g; const float *q = cs + 24 * g;
+        float *p[8]; for (int u = 0; u < 8; ++u) p[u] = buf + (int64_t)sl[u] * T;
+        vw acc[12]; memset(acc, 0, sizeof acc);
+        for (int t = 0; t + 16 <= T; t += 16) {
+            vw v[8], w[8];
+            for (int u = 0; u < 8; ++u) { v[u] = *(const vw *)(p[u] + t); w[u] = *(const vw *)(p[u] + go + t); }
+            BWD_ROUNDS
+            for (int u = 0; u < 8; ++u) { *(vw *)(p[u] + t) = v[u]; *(vw *)(p[u] + go + t) = w[u]; }
+        }
+        for (int r = 0; r < 12; ++r) gacc[12 * g + r] += (double)_mm512_reduce_add_ps((__m512)acc[r]);
+    }
+}
+__attribute__((noinline)) void bwd512_mem(float *restrict buf, const int32_t *restrict slots, int64_t groups, int64_t d) {
+    const int64_t go = d * T;
+    for (int64_t g = groups - 1; g >= 0; --g) {
+        const int32_t *sl = slots + 8 * g;
+        float *p[8]; for (int u = 0; u < 8; ++u) p[u] = buf + (int64_t)sl[u] * T;
+        for (int t = 0; t + 16 <= T; t += 16) {
+            vw v[8], w[8];
+            for (int u = 0; u < 8; ++u) { v[u] = *(const vw *)(p[u] + t); w[u] = *(const vw *)(p[u] + go + t); }
+            for (int u = 0; u < 8; ++u) __asm__("" : "+v"(v[u]), "+v"(w[u]));
+            for (int u = 0; u < 8; ++u) { *(vw *)(p[u] + t) = v[u]; *(vw *)(p[u] + go + t) = w[u]; }
+        }
+    }
+}
+__attribute__((noinline)) float bwd512_fp(const float *restrict cs, int64_t groups) {
+    vw v[8], w[8], acc[12];
+    memset(acc, 0, sizeof acc);
+    for (int u = 0; u < 8; ++u) for (int l = 0; l < 16; ++l) { v[u][l] = 1.0f + u + l; w[u][l] = 0.5f * u - l; }
+    for (int64_t g = groups - 1; g >= 0; --g) {
+        const float *q = cs + 24 * g;
+        for (int t = 0; t + 16 <= T; t += 16) { BWD_ROUNDS }
+    }
+    float z = 0; for (int u = 0; u < 8; ++u) z += v[u][0] + w[u][15]; for (int r = 0; r < 12; ++r) z += acc[r][3]; return z;
+}
 __attribute__((noinline)) uint64_t clock_chain(uint64_t n) {
     uint64_t x = 1;
     for (uint64_t i = 0; i < n; ++i) __asm__ volatile("add $1, %0" : "+r"(x));
@@ -162,8 +219,9 @@ __attribute__((noinline)) uint64_t clock_chain(uint64_t n) {
 int main(int argc, char **argv) {
     const int64_t d = argc > 1 ? atoi(argv[1]) : 1024, reps = argc > 2 ? atoi(argv[2]) : 5;
     int64_t groups = (int64_t)ceil(5.0 * d * log((double)d)) / 12, k = 12 * groups;
-    float *buf = aligned_alloc(64, (size_t)(d * T) * sizeof(float));
-    for (int64_t i = 0; i < d * T; ++i) buf[i] = (float)rand() / RAND_MAX - 0.5f;
+    float *buf = aligned_alloc(64, (size_t)(2 * d * T) * sizeof(float)); /* the backward's two tiles (the rest: the first) */
+    for (int64_t i = 0; i < 2 * d * T; ++i) buf[i] = (float)rand() / RAND_MAX - 0.5f;
+    double *gacc = calloc((size_t)k, sizeof(double));
     const int64_t groups16 = k / 32;
     int32_t *ij = malloc((size_t)k * 8), *slots = malloc((size_t)groups * 32), *perm = malloc((size_t)d * 4);
     int32_t *slots16 = malloc((size_t)groups16 * 64);
@@ -187,7 +245,7 @@ int main(int argc, char **argv) {
         for (int u = 0; u < 16; ++u) slots16[16 * g + u] = perm[16 * (g % (d / 16)) + u];
     }
     const double rv = (double)k * (T / 8);  /* rotation-vectors per pass */
-    double best[11] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
+    double best[14] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
     volatile float sink = 0;
     for (int rep = 0; rep < reps; ++rep) {
         double t0 = now(); walk(buf, ij, cs, k);
@@ -206,16 +264,23 @@ int main(int argc, char **argv) {
         double t10 = now();
         if (WIDE) sink += fp_only512(cs, k * (T / 8) / 16);
         double t11 = now();
-        double dt[11] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8,
-                         (t10 - t9) * k / (32.0 * groups16), t11 - t10};
-        for (int v = 0; v < 11; ++v) best[v] = dt[v] < best[v] ? dt[v] : best[v];
+        if (WIDE) bwd512(buf, slots, cs, groups, d, gacc);
+        double t12 = now();
+        if (WIDE) bwd512_mem(buf, slots, groups, d);
+        double t13 = now();
+        if (WIDE) sink += bwd512_fp(cs, groups);
+        double t14 = now();
+        double dt[14] = {t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8,
+                         (t10 - t9) * k / (32.0 * groups16), t11 - t10, t12 - t11, t13 - t12, t14 - t13};
+        for (int v = 0; v < 14; ++v) best[v] = dt[v] < best[v] ? dt[v] : best[v];
     }
     const double ghz = 100000000 / best[6] * 1e-9;
-    const char *names[10] = {"walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512",
-                             "blocked16", "fp_only512"};
-    const int slot[10] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10};
+    const char *names[13] = {"walk", "loads", "stores", "fp_only", "nodep", "blocked", "walk512", "blocked512",
+                             "blocked16", "fp_only512", "bwd512", "bwd512_mem", "bwd512_fp"};
+    const int slot[13] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13};
     printf("{\"d\": %ld, \"T\": %d, \"tile_kib\": %.0f, \"ghz\": %.3f", d, T, d * T * 4 / 1024.0, ghz);
-    for (int v = 0; v < 10; ++v) printf(", \"%s_ns\": %.4f", names[v], WIDE || v < 6 ? best[slot[v]] / rv * 1e9 : 0.0);
+    for (int v = 0; v < 13; ++v) printf(", \"%s_ns\": %.4f", names[v], WIDE || v < 6 ? best[slot[v]] / rv * 1e9 : 0.0);
     printf("}\n");
+    sink += (float)gacc[0];
     return (int)(sink == 12345.0f);
 }

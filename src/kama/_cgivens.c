@@ -216,77 +216,80 @@ static inline int use_avx(void) {
 #endif
 }
 
+/* Features per strip of the tile transposes: each batch row is read (written) 128 features, 8 cache  */
+/* lines, at a time. On a Zen 5 (the transposes alone, float32, batch 1024, d = 1024 and 4096, 32-64  */
+/* columns) loads took 0.64-0.90x the time of 16-feature strips and stores 0.68-0.82x that of batch   */
+/* rows outer; 64-feature strips made the stores 2x slower.                                          */
+#define IO_STRIP 128
 #define DEFINE_IO(TYPE, SUFFIX)                                                                             \
-    /* buf[f * T + t] = x[(n0 + t) * ld + f] for f < cols, t < rows; rows rows .. T - 1 of those features   \
-     * are zeroed (features cols .. d - 1 are the caller's). */                                             \
-    static void load_cols_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,    \
-                                   int64_t cols, int64_t ld, int64_t T) {                                   \
-        const int avx = use_avx();                                                                          \
-        /* features outer, 16 at a time (a whole cache line of every batch row read), batch rows inner: the   \
-         * tile's 16 rows are complete in L1 before the next 16 (rows outer wrote each tile line in parts,    \
-         * evicted between them: 1.7-2.3x slower at T = 32 .. 128 on the Intel Xeon) */                       \
-        const int64_t t8 = T >= 8 ? rows - rows % 8 : 0;                                                    \
-        int64_t f0 = 0;                                                                                     \
-        for (; f0 + 16 <= cols; f0 += 16)                                                                   \
-            for (int64_t t0 = 0; t0 < t8; t0 += 8) {                                                        \
-                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);                \
-                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0 + 8, ld, buf + (f0 + 8) * T + t0, T, avx);      \
-            }                                                                                               \
-        for (; f0 + 8 <= cols; f0 += 8)                                                                     \
-            for (int64_t t0 = 0; t0 < t8; t0 += 8)                                                          \
-                tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);                \
-        for (; f0 < cols; ++f0)                                                                             \
-            for (int64_t t = 0; t < t8; ++t) buf[f0 * T + t] = x[(n0 + t) * ld + f0];                       \
-        for (int64_t t = t8; t < rows; ++t) {                                                               \
-            const TYPE *src = x + (n0 + t) * ld;                                                            \
-            for (int64_t f = 0; f < cols; ++f) buf[f * T + t] = src[f];                                     \
-        }                                                                                                   \
-        if (rows < T)                                                                                       \
-            for (int64_t f = 0; f < cols; ++f)                                                              \
-                for (int64_t t = rows; t < T; ++t) buf[f * T + t] = 0;                                      \
-    }                                                                                                       \
-    /* y[(n0 + t) * ld + f] = buf[f * T + t] (* scale[f]) (+ bias[f]) for f < cols, t < rows */             \
-    static void store_cols_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,   \
-                                    int64_t cols, int64_t ld, int64_t T, const TYPE *restrict scale,        \
-                                    const TYPE *restrict bias) {                                            \
-        const int avx = use_avx();                                                                          \
-        int64_t t0 = 0;                                                                                     \
-        if (T >= 8)                                                                                         \
-            for (; t0 + 8 <= rows; t0 += 8) {                                                               \
-                int64_t f0 = 0;                                                                             \
-                for (; f0 + 8 <= cols; f0 += 8) {                                                           \
-                    TYPE *dst = y + (n0 + t0) * ld + f0;                                                    \
-                    tr8x8_fast_##SUFFIX(buf + f0 * T + t0, T, dst, ld, avx);                                \
-                    if (scale)                                                                              \
-                        for (int64_t t = 0; t < 8; ++t)                                                     \
-                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] *= scale[f0 + f];               \
-                    if (bias)                                                                               \
-                        for (int64_t t = 0; t < 8; ++t)                                                     \
-                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] += bias[f0 + f];                \
-                }                                                                                           \
-                for (; f0 < cols; ++f0)                                                                     \
-                    for (int64_t t = t0; t < t0 + 8; ++t) {                                                 \
-                        TYPE v = buf[f0 * T + t];                                                           \
-                        if (scale) v *= scale[f0];                                                          \
-                        y[(n0 + t) * ld + f0] = bias ? v + bias[f0] : v;                                    \
-                    }                                                                                       \
-            }                                                                                               \
-        for (int64_t t = t0; t < rows; ++t) {                                                               \
-            TYPE *dst = y + (n0 + t) * ld;                                                                  \
-            for (int64_t f = 0; f < cols; ++f) {                                                            \
-                TYPE v = buf[f * T + t];                                                                    \
-                if (scale) v *= scale[f];                                                                   \
-                dst[f] = bias ? v + bias[f] : v;                                                            \
-            }                                                                                               \
-        }                                                                                                   \
-    }                                                                                                       \
-    static void load_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,         \
-                              int64_t d, int64_t T) {                                                       \
-        load_cols_##SUFFIX(buf, x, n0, rows, d, d, T);                                                      \
-    }                                                                                                       \
-    static void store_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,        \
-                               int64_t d, int64_t T, const TYPE *restrict scale) {                          \
-        store_cols_##SUFFIX(y, buf, n0, rows, d, d, T, scale, NULL);                                        \
+    /* buf[f * T + t] = x[(n0 + t) * ld + f] for f < cols, t < rows; rows rows .. T - 1 of those features  \
+     * are zeroed (features cols .. d - 1 are the caller's). */                                            \
+    static void load_cols_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,   \
+                                   int64_t cols, int64_t ld, int64_t T) {                                  \
+        const int avx = use_avx();                                                                         \
+        /* features outer, IO_STRIP at a time, batch rows inner: the strip's tile rows are complete in L1  \
+         * before the next strip (batch rows outer wrote each tile line in parts, evicted between them:    \
+         * 1.7-2.3x slower at T = 32 .. 128 on the Intel Xeon) */                                          \
+        const int64_t t8 = T >= 8 ? rows - rows % 8 : 0, c8 = cols - cols % 8;                             \
+        for (int64_t s0 = 0; s0 < c8; s0 += IO_STRIP) {                                                    \
+            const int64_t s1 = s0 + IO_STRIP < c8 ? s0 + IO_STRIP : c8;                                    \
+            for (int64_t t0 = 0; t0 < t8; t0 += 8)                                                         \
+                for (int64_t f0 = s0; f0 < s1; f0 += 8)                                                    \
+                    tr8x8_fast_##SUFFIX(x + (n0 + t0) * ld + f0, ld, buf + f0 * T + t0, T, avx);           \
+        }                                                                                                  \
+        for (int64_t f0 = c8; f0 < cols; ++f0)                                                             \
+            for (int64_t t = 0; t < t8; ++t) buf[f0 * T + t] = x[(n0 + t) * ld + f0];                      \
+        for (int64_t t = t8; t < rows; ++t) {                                                              \
+            const TYPE *src = x + (n0 + t) * ld;                                                           \
+            for (int64_t f = 0; f < cols; ++f) buf[f * T + t] = src[f];                                    \
+        }                                                                                                  \
+        if (rows < T)                                                                                      \
+            for (int64_t f = 0; f < cols; ++f)                                                             \
+                for (int64_t t = rows; t < T; ++t) buf[f * T + t] = 0;                                     \
+    }                                                                                                      \
+    /* y[(n0 + t) * ld + f] = buf[f * T + t] (* scale[f]) (+ bias[f]) for f < cols, t < rows, in the       \
+     * strips of load_cols */                                                                              \
+    static void store_cols_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,  \
+                                    int64_t cols, int64_t ld, int64_t T, const TYPE *restrict scale,       \
+                                    const TYPE *restrict bias) {                                           \
+        const int avx = use_avx();                                                                         \
+        const int64_t t8 = T >= 8 ? rows - rows % 8 : 0, c8 = cols - cols % 8;                             \
+        for (int64_t s0 = 0; s0 < c8; s0 += IO_STRIP) {                                                    \
+            const int64_t s1 = s0 + IO_STRIP < c8 ? s0 + IO_STRIP : c8;                                    \
+            for (int64_t t0 = 0; t0 < t8; t0 += 8)                                                         \
+                for (int64_t f0 = s0; f0 < s1; f0 += 8) {                                                  \
+                    TYPE *dst = y + (n0 + t0) * ld + f0;                                                   \
+                    tr8x8_fast_##SUFFIX(buf + f0 * T + t0, T, dst, ld, avx);                               \
+                    if (scale)                                                                             \
+                        for (int64_t t = 0; t < 8; ++t)                                                    \
+                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] *= scale[f0 + f];              \
+                    if (bias)                                                                              \
+                        for (int64_t t = 0; t < 8; ++t)                                                    \
+                            for (int64_t f = 0; f < 8; ++f) dst[t * ld + f] += bias[f0 + f];               \
+                }                                                                                          \
+        }                                                                                                  \
+        for (int64_t t = 0; t < t8; ++t)                                                                   \
+            for (int64_t f0 = c8; f0 < cols; ++f0) {                                                       \
+                TYPE v = buf[f0 * T + t];                                                                  \
+                if (scale) v *= scale[f0];                                                                 \
+                y[(n0 + t) * ld + f0] = bias ? v + bias[f0] : v;                                           \
+            }                                                                                              \
+        for (int64_t t = t8; t < rows; ++t) {                                                              \
+            TYPE *dst = y + (n0 + t) * ld;                                                                 \
+            for (int64_t f = 0; f < cols; ++f) {                                                           \
+                TYPE v = buf[f * T + t];                                                                   \
+                if (scale) v *= scale[f];                                                                  \
+                dst[f] = bias ? v + bias[f] : v;                                                           \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+    static void load_##SUFFIX(TYPE *restrict buf, const TYPE *restrict x, int64_t n0, int64_t rows,        \
+                              int64_t d, int64_t T) {                                                      \
+        load_cols_##SUFFIX(buf, x, n0, rows, d, d, T);                                                     \
+    }                                                                                                      \
+    static void store_##SUFFIX(TYPE *restrict y, const TYPE *restrict buf, int64_t n0, int64_t rows,       \
+                               int64_t d, int64_t T, const TYPE *restrict scale) {                         \
+        store_cols_##SUFFIX(y, buf, n0, rows, d, d, T, scale, NULL);                                       \
     }
 
 DEFINE_IO(float, f32)
@@ -1874,7 +1877,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cgivens", "Compiled Givens kernels.", -1, methods};
 
 /* Bumped whenever a kernel's speed may change: tuned settings measured for another version are remeasured. */
-#define KERNEL_VERSION 6
+#define KERNEL_VERSION 7
 
 PyMODINIT_FUNC PyInit__cgivens(void) {
     PyObject *m = PyModule_Create(&module);
