@@ -8,9 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #ifndef T
 #define T 64
@@ -162,6 +159,15 @@ __attribute__((noinline)) void blocked16(float *restrict buf, const int32_t *res
  * accumulators' lanes are added up once per group. Per rotation-vector: 32 / 12 memory operations, 10 multiplies
  * or FMAs and an add (the forward: 16 / 12 and 4). `bwd512_mem` keeps its loads and stores only (the values pass
  * through an empty asm, so that the compiler keeps them) and `bwd512_fp` its arithmetic only, on registers. */
+#if WIDE
+#include <immintrin.h>
+#define SUM512(v) _mm512_reduce_add_ps((__m512)(v))
+#define KEEP(v) __asm__("" : "+v"(v))
+#else /* compiled but not run without AVX-512 (main checks WIDE), where no register holds a 512-bit vector */
+static float sum512(vw v) { float h = 0; for (int l = 0; l < 16; ++l) h += v[l]; return h; }
+#define SUM512(v) sum512(v)
+#define KEEP(v) __asm__("" : "+m"(v))
+#endif
 #define UNROTW(x, y, gx, gy, c, s, a) { const vw a1 = x, b1 = y, a2 = gx, b2 = gy; a += b2 * a1 - a2 * b1; \
     x = c * a1 + s * b1; y = c * b1 - s * a1; gx = c * a2 + s * b2; gy = c * b2 - s * a2; }
 #define BWD_ROUNDS                                                                                          \
@@ -184,7 +190,7 @@ __attribute__((noinline)) void bwd512(float *restrict buf, const int32_t *restri
             BWD_ROUNDS
             for (int u = 0; u < 8; ++u) { *(vw *)(p[u] + t) = v[u]; *(vw *)(p[u] + go + t) = w[u]; }
         }
-        for (int r = 0; r < 12; ++r) gacc[12 * g + r] += (double)_mm512_reduce_add_ps((__m512)acc[r]);
+        for (int r = 0; r < 12; ++r) gacc[12 * g + r] += (double)SUM512(acc[r]);
     }
 }
 __attribute__((noinline)) void bwd512_mem(float *restrict buf, const int32_t *restrict slots, int64_t groups, int64_t d) {
@@ -195,7 +201,7 @@ __attribute__((noinline)) void bwd512_mem(float *restrict buf, const int32_t *re
         for (int t = 0; t + 16 <= T; t += 16) {
             vw v[8], w[8];
             for (int u = 0; u < 8; ++u) { v[u] = *(const vw *)(p[u] + t); w[u] = *(const vw *)(p[u] + go + t); }
-            for (int u = 0; u < 8; ++u) __asm__("" : "+v"(v[u]), "+v"(w[u]));
+            for (int u = 0; u < 8; ++u) { KEEP(v[u]); KEEP(w[u]); }
             for (int u = 0; u < 8; ++u) { *(vw *)(p[u] + t) = v[u]; *(vw *)(p[u] + go + t) = w[u]; }
         }
     }
@@ -219,7 +225,7 @@ __attribute__((noinline)) uint64_t clock_chain(uint64_t n) {
 int main(int argc, char **argv) {
     const int64_t d = argc > 1 ? atoi(argv[1]) : 1024, reps = argc > 2 ? atoi(argv[2]) : 5;
     int64_t groups = (int64_t)ceil(5.0 * d * log((double)d)) / 12, k = 12 * groups;
-    float *buf = aligned_alloc(64, (size_t)(2 * d * T) * sizeof(float)); /* the backward's two tiles (the rest: the first) */
+    float *buf = aligned_alloc(64, (size_t)(2 * d * T) * sizeof(float)); /* two tiles: the backward's; the other variants use the first */
     for (int64_t i = 0; i < 2 * d * T; ++i) buf[i] = (float)rand() / RAND_MAX - 0.5f;
     double *gacc = calloc((size_t)k, sizeof(double));
     const int64_t groups16 = k / 32;
